@@ -1,0 +1,140 @@
+//! Command-line flags (contract.md §1). Every flag also reads `ORCHARD_<FLAG_NAME>`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "orchard", version, about = "Apple device management (MDM + DDM) for large fleets")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the MDM server and admin API.
+    Serve(ServeArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    Embedded,
+    Scylla,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum UserAuthenticateMode {
+    /// Answer 410 Gone: network users are not managed.
+    Decline,
+    /// Accept every user with a zero-length DigestChallenge.
+    EmptyChallenge,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct ServeArgs {
+    /// MDM + admin API listener.
+    #[arg(long, env = "ORCHARD_LISTEN", default_value = "127.0.0.1:9004")]
+    pub listen: String,
+
+    /// Embedded store, generated CA and generated API key live here.
+    #[arg(long, env = "ORCHARD_DATA_DIR", default_value = "./orchard-data")]
+    pub data_dir: PathBuf,
+
+    /// Admin API secret; generated on first start (and stored in the data dir) if absent.
+    #[arg(long, env = "ORCHARD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Serve HTTPS with this PEM certificate chain (requires --tls-key).
+    #[arg(long, env = "ORCHARD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "ORCHARD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Header in which a trusted proxy passes the device's client certificate
+    /// (RFC 9440 `:base64 DER:` or URL-escaped PEM).
+    #[arg(long, env = "ORCHARD_CLIENT_CERT_HEADER")]
+    pub client_cert_header: Option<String>,
+
+    /// Extra CA bundle (PEM) that device identity certificates may chain to.
+    #[arg(long, env = "ORCHARD_IDENTITY_CA")]
+    pub identity_ca: Option<PathBuf>,
+
+    /// Public https:// base URL devices use (ServerURL = <base>/mdm, CheckInURL = <base>/checkin).
+    #[arg(long, env = "ORCHARD_SERVER_URL")]
+    pub server_url: Option<String>,
+
+    /// APNs endpoint override (tests, load runs).
+    #[arg(long, env = "ORCHARD_APNS_URL")]
+    pub apns_url: Option<String>,
+
+    /// Extra root (PEM) to trust for --apns-url.
+    #[arg(long, env = "ORCHARD_APNS_CA")]
+    pub apns_ca: Option<PathBuf>,
+
+    /// Storage backend.
+    #[arg(long, env = "ORCHARD_STORE", value_enum, default_value = "embedded")]
+    pub store: StoreKind,
+
+    /// ScyllaDB contact points for --store scylla.
+    #[arg(long, env = "ORCHARD_SCYLLA_NODES", value_delimiter = ',')]
+    pub scylla_nodes: Vec<String>,
+
+    /// ScyllaDB keyspace for --store scylla.
+    #[arg(long, env = "ORCHARD_SCYLLA_KEYSPACE", default_value = "orchard")]
+    pub scylla_keyspace: String,
+
+    /// Largest accepted request body.
+    #[arg(long, env = "ORCHARD_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Seconds a client may take to send its request headers or body.
+    #[arg(long, env = "ORCHARD_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    pub request_timeout_secs: u64,
+
+    /// HTTP worker threads (default: one per core).
+    #[arg(long, env = "ORCHARD_WORKERS")]
+    pub workers: Option<usize>,
+
+    /// Seconds without traffic after which a device actor leaves memory.
+    #[arg(long, env = "ORCHARD_ACTOR_IDLE_SECS", default_value_t = 300)]
+    pub actor_idle_secs: u64,
+
+    /// Upper bound on device actors resident in memory.
+    #[arg(long, env = "ORCHARD_MAX_RESIDENT_ACTORS", default_value_t = 200_000)]
+    pub max_resident_actors: usize,
+
+    /// How to answer UserAuthenticate for macOS network users.
+    #[arg(long, env = "ORCHARD_USER_AUTHENTICATE", value_enum, default_value = "decline")]
+    pub user_authenticate: UserAuthenticateMode,
+
+    /// AccessRights in generated enrollment profiles (1..=8191).
+    #[arg(long, env = "ORCHARD_ACCESS_RIGHTS", default_value_t = 8191)]
+    pub access_rights: u64,
+
+    /// Organization name shown in enrollment profiles.
+    #[arg(long, env = "ORCHARD_ORGANIZATION", default_value = "Orchard")]
+    pub organization: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serve_without_flags_uses_the_contract_defaults() {
+        let cli = Cli::try_parse_from(["orchard", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command;
+        assert_eq!(args.listen, "127.0.0.1:9004");
+        assert_eq!(args.data_dir, PathBuf::from("./orchard-data"));
+        assert_eq!(args.store, StoreKind::Embedded);
+        assert_eq!(args.max_body_bytes, 1024 * 1024);
+    }
+
+    #[test]
+    fn a_tls_certificate_without_its_key_is_refused() {
+        assert!(Cli::try_parse_from(["orchard", "serve", "--tls-cert", "c.pem"]).is_err());
+    }
+}

@@ -1,0 +1,745 @@
+//! One enrollment's actor: applies check-ins and connect reports to its state and queue,
+//! persisting every acknowledged change before it answers.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::fut::{ready, ActorFutureExt, WrapFuture};
+use actix::prelude::*;
+
+use super::messages::*;
+use super::queue::{CommandQueue, Pending};
+use super::{now_millis, now_secs, DeviceError, Registry, UserAuthenticatePolicy};
+use crate::protocol::checkin::{Authenticate, CheckinMessage, TokenUpdate};
+use crate::protocol::connect::{ConnectReport, ReportStatus};
+use crate::protocol::ids::Channel;
+use crate::protocol::checkin;
+use crate::push::PushTarget;
+use crate::store::{
+    CertFingerprint, CommandResult, EnrollmentRecord, Mutation, PushInfo, QueueEntry, ResultStatus,
+    StoredCommand,
+};
+
+/// Persist `last_seen` at most this often while the device keeps connecting.
+const LAST_SEEN_FLUSH_SECS: i64 = 300;
+
+type Reply<T> = AtomicResponse<DeviceActor, Result<T, DeviceError>>;
+
+pub struct DeviceActor {
+    id: String,
+    registry: Arc<Registry>,
+    incarnation: u64,
+    last_active: Arc<AtomicU64>,
+    state: State,
+}
+
+enum State {
+    Loading,
+    Ready(Loaded),
+    Failed(DeviceError),
+}
+
+struct Loaded {
+    record: Option<EnrollmentRecord>,
+    queue: CommandQueue,
+    /// `last_seen` as stored; the in-memory record may be newer.
+    persisted_last_seen: i64,
+}
+
+impl DeviceActor {
+    pub(super) fn new(
+        id: String,
+        registry: Arc<Registry>,
+        incarnation: u64,
+        last_active: Arc<AtomicU64>,
+    ) -> Self {
+        DeviceActor {
+            id,
+            registry,
+            incarnation,
+            last_active,
+            state: State::Loading,
+        }
+    }
+
+    fn touch(&self) {
+        self.last_active.store(now_millis(), Ordering::Relaxed);
+    }
+
+    fn loaded(&mut self) -> Result<&mut Loaded, DeviceError> {
+        match &mut self.state {
+            State::Ready(loaded) => Ok(loaded),
+            State::Failed(e) => Err(e.clone()),
+            State::Loading => Err(DeviceError::Unavailable),
+        }
+    }
+
+    fn record(&mut self) -> Result<&mut EnrollmentRecord, DeviceError> {
+        let id = self.id.clone();
+        self.loaded()?
+            .record
+            .as_mut()
+            .ok_or(DeviceError::UnknownEnrollment(id))
+    }
+
+    /// A device-channel actor checks the caller against its certificate binding.
+    fn authorize(&mut self, caller: Caller) -> Result<(), DeviceError> {
+        match caller {
+            Caller::VouchedByDevice => Ok(()),
+            Caller::Certificate(fingerprint) => {
+                let id = self.id.clone();
+                let record = self.record()?;
+                if record.cert_fingerprint == Some(fingerprint) {
+                    Ok(())
+                } else {
+                    Err(DeviceError::CertificateMismatch(id))
+                }
+            }
+        }
+    }
+
+    /// Persist `batch`, then answer `reply`; on failure forget memory and stop, so the next
+    /// message reloads what is durable.
+    fn commit<T: 'static>(&mut self, batch: Vec<Mutation>, reply: T) -> Reply<T> {
+        AtomicResponse::new(self.commit_future(batch, reply))
+    }
+
+    fn commit_future<T: 'static>(
+        &mut self,
+        batch: Vec<Mutation>,
+        reply: T,
+    ) -> ResponseActFuture<Self, Result<T, DeviceError>> {
+        let store = Arc::clone(self.registry.store());
+        let write = async move { store.apply(batch).await };
+        Box::pin(write.into_actor(self).map(
+            move |written, act, ctx| match written {
+                Ok(()) => {
+                    if let Ok(loaded) = act.loaded() {
+                        loaded.persisted_last_seen =
+                            loaded.record.as_ref().map_or(0, |r| r.last_seen);
+                    }
+                    Ok(reply)
+                }
+                Err(e) => {
+                    tracing::error!(enrollment_id = %act.id, error = %e, "write failed; dropping in-memory state");
+                    act.state = State::Failed(e.clone().into());
+                    ctx.stop();
+                    Err(e.into())
+                }
+            },
+        ))
+    }
+
+    fn immediate<T: 'static>(result: Result<T, DeviceError>) -> Reply<T> {
+        AtomicResponse::new(Box::pin(ready(result)))
+    }
+
+    fn see(&mut self) {
+        if let Ok(record) = self.record() {
+            record.last_seen = now_secs();
+        }
+    }
+
+    fn put_record(&mut self) -> Result<Mutation, DeviceError> {
+        Ok(Mutation::PutEnrollment(self.record()?.clone()))
+    }
+
+    fn authenticate(
+        &mut self,
+        channel: Channel,
+        message: Authenticate,
+        fingerprint: CertFingerprint,
+    ) -> Reply<CheckinReply> {
+        let store = Arc::clone(self.registry.store());
+        let lookup = async move { store.cert_binding(&fingerprint).await };
+        AtomicResponse::new(Box::pin(lookup.into_actor(self).then(
+            move |bound, act, _| match bound {
+                Ok(Some(other)) if other != act.id => {
+                    Box::pin(ready(Err(DeviceError::CertificateBoundElsewhere)))
+                        as ResponseActFuture<Self, _>
+                }
+                Err(e) => Box::pin(ready(Err(e.into()))),
+                Ok(_) => act.reenroll(channel, message, fingerprint),
+            },
+        )))
+    }
+
+    /// Authenticate starts a new enrollment generation: the queue (and the queues of the
+    /// device's user channels) is cleared, the certificate rebound, push disabled until
+    /// the first TokenUpdate, and tokens of the previous enrollment forgotten.
+    fn reenroll(
+        &mut self,
+        channel: Channel,
+        message: Authenticate,
+        fingerprint: CertFingerprint,
+    ) -> ResponseActFuture<Self, Result<CheckinReply, DeviceError>> {
+        let id = self.id.clone();
+        let registry = Arc::clone(&self.registry);
+        let loaded = match self.loaded() {
+            Ok(loaded) => loaded,
+            Err(e) => return Box::pin(ready(Err(e))),
+        };
+        let previous = loaded.record.take();
+        let now = now_secs();
+        let record = EnrollmentRecord {
+            id: channel.id.clone(),
+            device_id: channel.device_id.clone(),
+            kind: channel.kind,
+            topic: message.topic.clone(),
+            cert_fingerprint: Some(fingerprint),
+            generation: previous.as_ref().map_or(1, |p| p.generation + 1),
+            enabled: false,
+            push: None,
+            push_token_valid: false,
+            unlock_token: None,
+            bootstrap_token: None,
+            awaiting_configuration: false,
+            token_update_count: 0,
+            device_info: device_facts(&message),
+            user_channels: previous.map(|p| p.user_channels).unwrap_or_default(),
+            enrolled_at: now,
+            last_seen: now,
+        };
+        let mut batch: Vec<Mutation> = std::iter::once(id.clone())
+            .chain(record.user_channels.iter().cloned())
+            .map(|enrollment_id| Mutation::ClearQueue { enrollment_id })
+            .collect();
+        batch.push(Mutation::BindCertificate {
+            fingerprint,
+            enrollment_id: id.clone(),
+        });
+        batch.push(Mutation::PutEnrollment(record.clone()));
+        for user_channel in &record.user_channels {
+            if let Some(addr) = registry.resident(user_channel) {
+                addr.do_send(ResetForReenrollment);
+            }
+        }
+        loaded.queue.clear();
+        loaded.record = Some(record);
+        tracing::info!(enrollment_id = %self.id, "device authenticated; new enrollment generation");
+        self.commit_future(batch, CheckinReply::Accepted)
+    }
+
+    fn token_update(&mut self, channel: Channel, message: TokenUpdate) -> Reply<CheckinReply> {
+        let now = now_secs();
+        let loaded = match self.loaded() {
+            Ok(loaded) => loaded,
+            Err(e) => return Self::immediate(Err(e)),
+        };
+        let first_for_user_channel = loaded.record.is_none() && !channel.is_device_channel();
+        if loaded.record.is_none() && !first_for_user_channel {
+            return Self::immediate(Err(DeviceError::NotAuthenticated(channel.id)));
+        }
+        let record = loaded.record.get_or_insert_with(|| EnrollmentRecord {
+            id: channel.id.clone(),
+            device_id: channel.device_id.clone(),
+            kind: channel.kind,
+            enrolled_at: now,
+            ..EnrollmentRecord::default()
+        });
+        record.topic = message.topic.clone();
+        record.push = Some(PushInfo {
+            topic: message.topic,
+            token: message.token,
+            push_magic: message.push_magic,
+        });
+        record.push_token_valid = true;
+        record.enabled = true;
+        if message.unlock_token.is_some() {
+            record.unlock_token = message.unlock_token;
+        }
+        record.awaiting_configuration = message.awaiting_configuration;
+        record.token_update_count += 1;
+        record.last_seen = now;
+        let batch = vec![Mutation::PutEnrollment(record.clone())];
+        if !first_for_user_channel {
+            return self.commit(batch, CheckinReply::Accepted);
+        }
+        let registry = Arc::clone(&self.registry);
+        let (device_id, user_channel) = (channel.device_id, channel.id);
+        AtomicResponse::new(Box::pin(self.commit_future(batch, ()).then(
+            move |written, act, _| {
+                async move {
+                    written?;
+                    registry
+                        .call(&device_id, RegisterUserChannel(user_channel))
+                        .await?;
+                    Ok(CheckinReply::Accepted)
+                }
+                .into_actor(act)
+            },
+        )))
+    }
+
+    fn check_out(&mut self) -> Reply<CheckinReply> {
+        match self.record() {
+            Ok(record) => {
+                record.enabled = false;
+                record.last_seen = now_secs();
+                tracing::info!(enrollment_id = %record.id, "device checked out");
+                let batch = vec![Mutation::PutEnrollment(record.clone())];
+                self.commit(batch, CheckinReply::Accepted)
+            }
+            Err(e) => Self::immediate(Err(e)),
+        }
+    }
+
+    fn set_bootstrap_token(
+        &mut self,
+        channel: &Channel,
+        token: Option<Vec<u8>>,
+        awaiting_configuration: bool,
+    ) -> Reply<CheckinReply> {
+        if !channel.is_device_channel() {
+            return Self::immediate(Err(DeviceError::DeviceChannelOnly("SetBootstrapToken")));
+        }
+        match self.record() {
+            Ok(record) => {
+                record.bootstrap_token = token;
+                record.awaiting_configuration = awaiting_configuration;
+                let batch = vec![Mutation::PutEnrollment(record.clone())];
+                self.commit(batch, CheckinReply::Accepted)
+            }
+            Err(e) => Self::immediate(Err(e)),
+        }
+    }
+
+    fn get_bootstrap_token(&mut self, channel: &Channel) -> Result<CheckinReply, DeviceError> {
+        if !channel.is_device_channel() {
+            return Err(DeviceError::DeviceChannelOnly("GetBootstrapToken"));
+        }
+        Ok(match &self.record()?.bootstrap_token {
+            Some(token) => CheckinReply::Plist(checkin::bootstrap_token_response(token)),
+            None => CheckinReply::Accepted,
+        })
+    }
+
+    fn user_authenticate(&self, digest_response: Option<String>) -> Result<CheckinReply, DeviceError> {
+        match (self.registry.settings().user_authenticate, digest_response) {
+            (UserAuthenticatePolicy::Decline, _) => Err(DeviceError::UserAuthenticateDeclined),
+            (UserAuthenticatePolicy::EmptyChallenge, None) => {
+                Ok(CheckinReply::Plist(checkin::digest_challenge_response("")))
+            }
+            (UserAuthenticatePolicy::EmptyChallenge, Some(_)) => Ok(CheckinReply::Accepted),
+        }
+    }
+
+    fn next_command(&mut self, answering_not_now: bool) -> Result<Option<Arc<StoredCommand>>, DeviceError> {
+        let next = self.loaded()?.queue.next(answering_not_now);
+        if let Some(pending) = next {
+            tracing::debug!(command_uuid = %pending.entry.command_uuid, request_type = %pending.entry.request_type, "sending command");
+        }
+        Ok(next.map(|p| Arc::clone(&p.command)))
+    }
+
+    fn connect(&mut self, report: ConnectReport, raw: Arc<[u8]>) -> Reply<Option<Arc<StoredCommand>>> {
+        self.see();
+        let Some(command_uuid) = report.command_uuid else {
+            return self.idle();
+        };
+        let now = now_secs();
+        let id = self.id.clone();
+        let loaded = match self.loaded() {
+            Ok(loaded) => loaded,
+            Err(e) => return Self::immediate(Err(e)),
+        };
+        let pending = loaded.queue.get(&command_uuid).map(|p| p.entry.clone());
+        let status = match report.status {
+            ReportStatus::Acknowledged => ResultStatus::Acknowledged,
+            ReportStatus::Error => ResultStatus::Error,
+            ReportStatus::CommandFormatError => ResultStatus::CommandFormatError,
+            ReportStatus::NotNow => ResultStatus::NotNow,
+            ReportStatus::Idle => return self.idle(),
+        };
+        let result = CommandResult {
+            request_type: pending.as_ref().map_or_else(|| "Unknown".to_string(), |p| p.request_type.clone()),
+            command_uuid: command_uuid.clone(),
+            status,
+            raw: raw.to_vec(),
+            seq: pending.as_ref().map_or(0, |p| p.seq),
+            received_at: now,
+        };
+        if pending.is_none() {
+            tracing::warn!(enrollment_id = %id, command_uuid = %command_uuid, "result for a command that is not pending; stored");
+        }
+        let mut batch = vec![Mutation::PutResult {
+            enrollment_id: id.clone(),
+            result,
+        }];
+        match (status, pending) {
+            (ResultStatus::NotNow, Some(_)) => {
+                if let Some(entry) = loaded.queue.mark_not_now(&command_uuid, now) {
+                    batch.push(Mutation::PutQueueEntry {
+                        enrollment_id: id.clone(),
+                        entry,
+                    });
+                }
+            }
+            (_, Some(entry)) => {
+                loaded.queue.remove(&command_uuid);
+                metrics::gauge!("orchard_queue_depth").decrement(1.0);
+                batch.push(Mutation::RemoveQueueEntry {
+                    enrollment_id: id.clone(),
+                    seq: entry.seq,
+                });
+            }
+            (_, None) => {}
+        }
+        if let Ok(record) = self.put_record() {
+            batch.push(record);
+        }
+        let next = match self.next_command(status == ResultStatus::NotNow) {
+            Ok(next) => next,
+            Err(e) => return Self::immediate(Err(e)),
+        };
+        self.commit(batch, next)
+    }
+
+    fn idle(&mut self) -> Reply<Option<Arc<StoredCommand>>> {
+        let next = self.next_command(false);
+        let stale = self
+            .loaded()
+            .ok()
+            .and_then(|l| l.record.as_ref().map(|r| r.last_seen - l.persisted_last_seen))
+            .is_some_and(|age| age >= LAST_SEEN_FLUSH_SECS);
+        match (next, stale) {
+            (Ok(next), true) => match self.put_record() {
+                Ok(put) => self.commit(vec![put], next),
+                Err(e) => Self::immediate(Err(e)),
+            },
+            (next, _) => Self::immediate(next),
+        }
+    }
+
+    fn queue_entry_mutation(&self, entry: QueueEntry) -> Mutation {
+        Mutation::PutQueueEntry {
+            enrollment_id: self.id.clone(),
+            entry,
+        }
+    }
+
+    fn push_target(&mut self) -> Result<PushTarget, DeviceError> {
+        let record = self.record()?;
+        if !record.enabled {
+            return Err(DeviceError::NotPushable("enrollment is disabled (checked out or awaiting its first TokenUpdate)"));
+        }
+        if !record.push_token_valid {
+            return Err(DeviceError::NotPushable("APNs reported the push token invalid"));
+        }
+        let push = record
+            .push
+            .as_ref()
+            .ok_or(DeviceError::NotPushable("no TokenUpdate received yet"))?;
+        Ok(PushTarget {
+            enrollment_id: record.id.clone(),
+            topic: push.topic.clone(),
+            token: push.token.clone(),
+            push_magic: push.push_magic.clone(),
+        })
+    }
+
+    fn load(&mut self, ctx: &mut Context<Self>) {
+        let store = Arc::clone(self.registry.store());
+        let registry = Arc::clone(&self.registry);
+        let id = self.id.clone();
+        let load = async move {
+            let record = store.enrollment(&id).await?;
+            let mut pending = Vec::new();
+            for entry in store.queue(&id).await? {
+                match store.command(&entry.command_uuid).await? {
+                    Some(body) => pending.push(Pending {
+                        command: registry.intern_body(body),
+                        entry,
+                    }),
+                    None => tracing::error!(enrollment_id = %id, command_uuid = %entry.command_uuid, "queued command has no body; skipped"),
+                }
+            }
+            Ok::<_, crate::store::StoreError>((record, CommandQueue::from_pending(pending)))
+        };
+        ctx.wait(load.into_actor(self).map(|loaded, act, ctx| match loaded {
+            Ok((record, queue)) => {
+                metrics::gauge!("orchard_queue_depth").increment(queue.len() as f64);
+                act.state = State::Ready(Loaded {
+                    persisted_last_seen: record.as_ref().map_or(0, |r| r.last_seen),
+                    record,
+                    queue,
+                });
+            }
+            Err(e) => {
+                tracing::error!(enrollment_id = %act.id, error = %e, "could not load device state");
+                act.state = State::Failed(e.into());
+                ctx.stop();
+            }
+        }));
+    }
+
+    fn check_idle(&mut self, ctx: &mut Context<Self>) {
+        let idle_for = now_millis().saturating_sub(self.last_active.load(Ordering::Relaxed));
+        if Duration::from_millis(idle_for) >= self.registry.settings().idle_timeout {
+            self.passivate(ctx);
+        }
+    }
+
+    /// Flush the newest `last_seen`, then leave the registry and stop.
+    fn passivate(&mut self, ctx: &mut Context<Self>) {
+        let dirty = self
+            .loaded()
+            .ok()
+            .and_then(|l| l.record.as_ref().map(|r| r.last_seen != l.persisted_last_seen))
+            .unwrap_or(false);
+        match self.put_record() {
+            Ok(put) if dirty => {
+                let store = Arc::clone(self.registry.store());
+                ctx.wait(
+                    async move { store.apply(vec![put]).await }
+                        .into_actor(self)
+                        .map(|_, _, ctx: &mut Context<Self>| ctx.stop()),
+                );
+            }
+            _ => ctx.stop(),
+        }
+    }
+}
+
+impl Actor for DeviceActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        metrics::gauge!("orchard_resident_actors").increment(1.0);
+        self.load(ctx);
+        let period = (self.registry.settings().idle_timeout / 2).max(Duration::from_millis(100));
+        ctx.run_interval(period, Self::check_idle);
+    }
+
+    fn stopping(&mut self, _: &mut Self::Context) -> Running {
+        self.registry.forget(&self.id, self.incarnation);
+        Running::Stop
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        metrics::gauge!("orchard_resident_actors").decrement(1.0);
+        if let State::Ready(loaded) = &self.state {
+            metrics::gauge!("orchard_queue_depth").decrement(loaded.queue.len() as f64);
+        }
+    }
+}
+
+impl Handler<Authorize> for DeviceActor {
+    type Result = Result<(), DeviceError>;
+
+    fn handle(&mut self, Authorize(fingerprint): Authorize, _: &mut Context<Self>) -> Self::Result {
+        self.touch();
+        self.authorize(Caller::Certificate(fingerprint))
+    }
+}
+
+impl Handler<HandleCheckin> for DeviceActor {
+    type Result = Reply<CheckinReply>;
+
+    fn handle(&mut self, msg: HandleCheckin, _: &mut Context<Self>) -> Self::Result {
+        self.touch();
+        let HandleCheckin { checkin, caller } = msg;
+        if let CheckinMessage::Authenticate(message) = checkin.message {
+            return match caller {
+                Caller::Certificate(fingerprint) => self.authenticate(checkin.channel, message, fingerprint),
+                Caller::VouchedByDevice => Self::immediate(Err(DeviceError::DeviceChannelOnly("Authenticate"))),
+            };
+        }
+        let first_user_token_update = matches!(checkin.message, CheckinMessage::TokenUpdate(_))
+            && !checkin.channel.is_device_channel();
+        if !first_user_token_update {
+            if let Err(e) = self.authorize(caller) {
+                return Self::immediate(Err(e));
+            }
+        }
+        self.see();
+        let channel = checkin.channel;
+        match checkin.message {
+            CheckinMessage::Authenticate(_) => Self::immediate(Err(DeviceError::Unavailable)),
+            CheckinMessage::TokenUpdate(message) => self.token_update(channel, message),
+            CheckinMessage::CheckOut(_) => self.check_out(),
+            CheckinMessage::SetBootstrapToken(message) => {
+                self.set_bootstrap_token(&channel, message.token, message.awaiting_configuration)
+            }
+            CheckinMessage::GetBootstrapToken(_) => Self::immediate(self.get_bootstrap_token(&channel)),
+            CheckinMessage::UserAuthenticate(message) => {
+                Self::immediate(self.user_authenticate(message.digest_response))
+            }
+            CheckinMessage::GetToken(message) => {
+                Self::immediate(Err(DeviceError::NoTokenService(message.service_type)))
+            }
+            CheckinMessage::DeclarativeManagement(_) => {
+                Self::immediate(Err(DeviceError::DeclarativeManagementUnavailable))
+            }
+        }
+    }
+}
+
+impl Handler<HandleConnect> for DeviceActor {
+    type Result = Reply<Option<Arc<StoredCommand>>>;
+
+    fn handle(&mut self, msg: HandleConnect, _: &mut Context<Self>) -> Self::Result {
+        self.touch();
+        if let Err(e) = self.authorize(msg.caller) {
+            return Self::immediate(Err(e));
+        }
+        self.connect(msg.report, msg.raw)
+    }
+}
+
+impl Handler<UnparseableResult> for DeviceActor {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, _: UnparseableResult, _: &mut Context<Self>) -> Self::Result {
+        self.touch();
+        let entry = self.loaded().ok().and_then(|l| l.queue.mark_unparseable_result());
+        match entry {
+            Some(entry) => {
+                if entry.parked {
+                    tracing::warn!(enrollment_id = %self.id, command_uuid = %entry.command_uuid, "command parked after repeated unparseable results");
+                    metrics::counter!("orchard_commands_parked_total").increment(1);
+                }
+                let batch = vec![self.queue_entry_mutation(entry)];
+                AtomicResponse::new(Box::pin(self.commit_future(batch, ()).map(|_, _, _| ())))
+            }
+            None => AtomicResponse::new(Box::pin(ready(()))),
+        }
+    }
+}
+
+impl Handler<Enqueue> for DeviceActor {
+    type Result = Reply<Option<PushTarget>>;
+
+    fn handle(&mut self, msg: Enqueue, _: &mut Context<Self>) -> Self::Result {
+        self.touch();
+        if let Err(e) = self.record() {
+            return Self::immediate(Err(e));
+        }
+        let push_target = self.push_target().ok();
+        let loaded = match self.loaded() {
+            Ok(loaded) => loaded,
+            Err(e) => return Self::immediate(Err(e)),
+        };
+        let seq = loaded.queue.next_seq(now_millis() * 1000);
+        let entry = QueueEntry {
+            seq,
+            command_uuid: msg.command.command_uuid.clone(),
+            request_type: msg.command.request_type.clone(),
+            priority: msg.priority,
+            enqueued_at: now_secs(),
+            not_now_count: 0,
+            last_not_now_at: None,
+            unparseable_results: 0,
+            parked: false,
+        };
+        if !loaded.queue.push(Pending {
+            entry: entry.clone(),
+            command: msg.command,
+        }) {
+            return Self::immediate(Ok(push_target));
+        }
+        metrics::gauge!("orchard_queue_depth").increment(1.0);
+        tracing::info!(enrollment_id = %self.id, command_uuid = %entry.command_uuid, request_type = %entry.request_type, "command enqueued");
+        let batch = vec![self.queue_entry_mutation(entry)];
+        self.commit(batch, push_target)
+    }
+}
+
+impl Handler<Cancel> for DeviceActor {
+    type Result = Reply<bool>;
+
+    fn handle(&mut self, msg: Cancel, _: &mut Context<Self>) -> Self::Result {
+        self.touch();
+        let removed = match self.loaded() {
+            Ok(loaded) => loaded.queue.remove(&msg.command_uuid),
+            Err(e) => return Self::immediate(Err(e)),
+        };
+        match removed {
+            Some(pending) => {
+                metrics::gauge!("orchard_queue_depth").decrement(1.0);
+                tracing::info!(enrollment_id = %self.id, command_uuid = %msg.command_uuid, "command cancelled");
+                let batch = vec![Mutation::RemoveQueueEntry {
+                    enrollment_id: self.id.clone(),
+                    seq: pending.entry.seq,
+                }];
+                self.commit(batch, true)
+            }
+            None => Self::immediate(Ok(false)),
+        }
+    }
+}
+
+impl Handler<GetPushTarget> for DeviceActor {
+    type Result = Result<PushTarget, DeviceError>;
+
+    fn handle(&mut self, _: GetPushTarget, _: &mut Context<Self>) -> Self::Result {
+        self.touch();
+        self.push_target()
+    }
+}
+
+impl Handler<Snapshot> for DeviceActor {
+    type Result = Result<DeviceSnapshot, DeviceError>;
+
+    fn handle(&mut self, _: Snapshot, _: &mut Context<Self>) -> Self::Result {
+        self.touch();
+        let record = self.record()?.clone();
+        let pending = self.loaded()?.queue.iter().map(|p| p.entry.clone()).collect();
+        Ok(DeviceSnapshot { record, pending })
+    }
+}
+
+impl Handler<ResetForReenrollment> for DeviceActor {
+    type Result = ();
+
+    fn handle(&mut self, _: ResetForReenrollment, _: &mut Context<Self>) {
+        if let Ok(loaded) = self.loaded() {
+            metrics::gauge!("orchard_queue_depth").decrement(loaded.queue.len() as f64);
+            loaded.queue.clear();
+        }
+    }
+}
+
+impl Handler<RegisterUserChannel> for DeviceActor {
+    type Result = Reply<()>;
+
+    fn handle(&mut self, RegisterUserChannel(user_channel): RegisterUserChannel, _: &mut Context<Self>) -> Self::Result {
+        self.touch();
+        match self.record() {
+            Ok(record) if !record.user_channels.contains(&user_channel) => {
+                record.user_channels.push(user_channel);
+                let batch = vec![Mutation::PutEnrollment(record.clone())];
+                self.commit(batch, ())
+            }
+            Ok(_) => Self::immediate(Ok(())),
+            Err(e) => Self::immediate(Err(e)),
+        }
+    }
+}
+
+impl Handler<Passivate> for DeviceActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Passivate, ctx: &mut Context<Self>) {
+        self.passivate(ctx);
+    }
+}
+
+/// The optional device facts of an Authenticate, kept for the inventory API.
+fn device_facts(message: &Authenticate) -> Vec<(String, String)> {
+    [
+        ("SerialNumber", &message.serial_number),
+        ("Model", &message.model),
+        ("ModelName", &message.model_name),
+        ("DeviceName", &message.device_name),
+        ("OSVersion", &message.os_version),
+        ("BuildVersion", &message.build_version),
+        ("ProductName", &message.product_name),
+        ("IMEI", &message.imei),
+        ("MEID", &message.meid),
+    ]
+    .into_iter()
+    .filter_map(|(key, value)| value.as_ref().map(|v| (key.to_string(), v.clone())))
+    .collect()
+}

@@ -1,0 +1,104 @@
+//! Messages a device actor answers. Each carries everything the actor needs, so the HTTP
+//! layer never touches device state directly.
+
+use std::sync::Arc;
+
+use actix::Message;
+
+use super::DeviceError;
+use crate::protocol::checkin::Checkin;
+use crate::protocol::connect::ConnectReport;
+use crate::push::PushTarget;
+use crate::store::{CertFingerprint, EnrollmentRecord, QueueEntry, StoredCommand};
+
+/// How the sender of a device message was authenticated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// A verified identity certificate; a device-channel actor checks it against its binding.
+    Certificate(CertFingerprint),
+    /// A user channel whose device actor already accepted the certificate.
+    VouchedByDevice,
+}
+
+/// Check the caller's certificate against the device channel's binding.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "Result<(), DeviceError>")]
+pub struct Authorize(pub CertFingerprint);
+
+/// A check-in message for this channel.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "Result<CheckinReply, DeviceError>")]
+pub struct HandleCheckin {
+    pub checkin: Checkin,
+    pub caller: Caller,
+}
+
+/// What the HTTP layer sends back for a check-in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CheckinReply {
+    /// 200 with an empty body.
+    Accepted,
+    /// 200 with this XML plist body.
+    Plist(Vec<u8>),
+}
+
+/// A connect report (Idle or a command result) for this channel.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "Result<Option<Arc<StoredCommand>>, DeviceError>")]
+pub struct HandleConnect {
+    pub report: ConnectReport,
+    /// The exact body, stored as the command result.
+    pub raw: Arc<[u8]>,
+    pub caller: Caller,
+}
+
+/// The device sent a connect body that cannot be parsed; it answers the in-flight command.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "()")]
+pub struct UnparseableResult;
+
+/// Queue a command (its body is already durable in the store).
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "Result<Option<PushTarget>, DeviceError>")]
+pub struct Enqueue {
+    pub command: Arc<StoredCommand>,
+    pub priority: u8,
+}
+
+/// Remove a pending command; answers whether it was pending.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "Result<bool, DeviceError>")]
+pub struct Cancel {
+    pub command_uuid: String,
+}
+
+/// The channel's push coordinates, if it can be pushed.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "Result<PushTarget, DeviceError>")]
+pub struct GetPushTarget;
+
+/// A consistent view of the channel for the admin API.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "Result<DeviceSnapshot, DeviceError>")]
+pub struct Snapshot;
+
+#[derive(Clone, Debug)]
+pub struct DeviceSnapshot {
+    pub record: EnrollmentRecord,
+    pub pending: Vec<QueueEntry>,
+}
+
+/// The device re-enrolled: this user channel's queue is void.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "()")]
+pub struct ResetForReenrollment;
+
+/// A user channel of this device completed its first TokenUpdate.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "Result<(), DeviceError>")]
+pub struct RegisterUserChannel(pub String);
+
+/// Leave memory now (the registry is over its resident bound).
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "()")]
+pub struct Passivate;

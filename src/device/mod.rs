@@ -1,0 +1,257 @@
+//! Device actors and the registry that finds them.
+//!
+//! Each enrollment (device or user channel) is an actix actor that owns its command queue
+//! and push state. It is activated by the first message for it (loading its state from
+//! the store), passivated after an idle timeout or when the registry is over its resident
+//! bound, and reloaded on the next message — so a million enrolled devices need only as
+//! many resident actors as are active.
+//!
+//! Invariant: an actor's memory is never ahead of the store in a way anyone can observe.
+//! Mutating handlers run as atomic responses (no other message interleaves), persist
+//! before replying, and an actor whose write failed discards itself so the next message
+//! reloads the durable truth.
+
+mod actor;
+pub mod messages;
+pub mod queue;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use actix::{Actor, Addr, Handler, MailboxError, Message};
+use dashmap::DashMap;
+
+pub use actor::DeviceActor;
+
+use crate::cluster::{shard_of, ShardMap};
+use crate::store::{Store, StoreError, StoredCommand};
+
+/// How Orchard answers the first `UserAuthenticate` of a user channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UserAuthenticatePolicy {
+    /// 410 Gone: do not manage network users (NanoMDM's default).
+    Decline,
+    /// Accept with a zero-length DigestChallenge (no password check).
+    EmptyChallenge,
+}
+
+/// Settings every device actor shares.
+#[derive(Clone, Debug)]
+pub struct DeviceSettings {
+    pub idle_timeout: Duration,
+    pub max_resident: usize,
+    pub user_authenticate: UserAuthenticatePolicy,
+}
+
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DeviceError {
+    #[error("enrollment {0} is unknown")]
+    UnknownEnrollment(String),
+    #[error("the identity certificate is not the one bound to enrollment {0}")]
+    CertificateMismatch(String),
+    #[error("the identity certificate is already bound to another enrollment")]
+    CertificateBoundElsewhere,
+    #[error("enrollment {0} has not sent Authenticate")]
+    NotAuthenticated(String),
+    #[error("{0} is only valid on the device channel")]
+    DeviceChannelOnly(&'static str),
+    #[error("user authentication is declined by this server")]
+    UserAuthenticateDeclined,
+    #[error("no token service is configured for TokenServiceType {0}")]
+    NoTokenService(String),
+    #[error("declarative management is not available on this server")]
+    DeclarativeManagementUnavailable,
+    #[error("the channel cannot be pushed: {0}")]
+    NotPushable(&'static str),
+    #[error("storage failure: {0}")]
+    Store(String),
+    #[error("the device's shard is owned by another node")]
+    NotLocal,
+    #[error("the device actor did not answer")]
+    Unavailable,
+}
+
+impl DeviceError {
+    /// Metrics label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DeviceError::UnknownEnrollment(_) => "unknown_enrollment",
+            DeviceError::CertificateMismatch(_) => "certificate_mismatch",
+            DeviceError::CertificateBoundElsewhere => "certificate_bound_elsewhere",
+            DeviceError::NotAuthenticated(_) => "not_authenticated",
+            DeviceError::DeviceChannelOnly(_) => "device_channel_only",
+            DeviceError::UserAuthenticateDeclined => "user_authenticate_declined",
+            DeviceError::NoTokenService(_) => "no_token_service",
+            DeviceError::DeclarativeManagementUnavailable => "ddm_unavailable",
+            DeviceError::NotPushable(_) => "not_pushable",
+            DeviceError::Store(_) => "store_failure",
+            DeviceError::NotLocal => "not_local",
+            DeviceError::Unavailable => "actor_unavailable",
+        }
+    }
+}
+
+impl From<StoreError> for DeviceError {
+    fn from(e: StoreError) -> Self {
+        DeviceError::Store(e.to_string())
+    }
+}
+
+struct Slot {
+    addr: Addr<DeviceActor>,
+    incarnation: u64,
+    /// Unix millis of the last message; read by the eviction sweep.
+    last_active: Arc<AtomicU64>,
+}
+
+/// Maps enrollment ids to resident actors and activates missing ones.
+///
+/// Must be used from inside an actix arbiter (HTTP workers are): new actors start on the
+/// arbiter of the request that needed them.
+pub struct Registry {
+    slots: DashMap<String, Slot>,
+    store: Arc<dyn Store>,
+    settings: DeviceSettings,
+    shards: ShardMap,
+    incarnations: AtomicU64,
+    /// Command bodies shared by every resident queue that holds them (a fleet-wide
+    /// command is one allocation, not one per device).
+    bodies: DashMap<String, Weak<StoredCommand>>,
+}
+
+impl Registry {
+    pub fn new(store: Arc<dyn Store>, settings: DeviceSettings, shards: ShardMap) -> Arc<Self> {
+        Arc::new(Registry {
+            slots: DashMap::new(),
+            store,
+            settings,
+            shards,
+            incarnations: AtomicU64::new(0),
+            bodies: DashMap::new(),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn settings(&self) -> &DeviceSettings {
+        &self.settings
+    }
+
+    pub fn resident_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Send a message whose answer is itself a `Result<_, DeviceError>`.
+    pub async fn call<M, T>(self: &Arc<Self>, id: &str, msg: M) -> Result<T, DeviceError>
+    where
+        M: Message<Result = Result<T, DeviceError>> + Clone + Send + 'static,
+        T: Send + 'static,
+        DeviceActor: Handler<M>,
+    {
+        self.send(id, msg).await?
+    }
+
+    /// Deliver a message to the enrollment's actor, activating it if needed. A message
+    /// that races a passivating actor is redelivered to a fresh incarnation.
+    pub async fn send<M>(self: &Arc<Self>, id: &str, msg: M) -> Result<M::Result, DeviceError>
+    where
+        M: Message + Clone + Send + 'static,
+        M::Result: Send,
+        DeviceActor: Handler<M>,
+    {
+        for _ in 0..3 {
+            let (addr, incarnation) = self.activate(id)?;
+            match addr.send(msg.clone()).await {
+                Ok(answer) => return Ok(answer),
+                Err(MailboxError::Closed) => self.forget(id, incarnation),
+                Err(MailboxError::Timeout) => break,
+            }
+        }
+        Err(DeviceError::Unavailable)
+    }
+
+    /// The actor, only if it is resident (used to notify without activating).
+    pub fn resident(&self, id: &str) -> Option<Addr<DeviceActor>> {
+        self.slots.get(id).map(|slot| slot.addr.clone())
+    }
+
+    /// Ask the least recently active actors to leave when more are resident than allowed.
+    pub fn evict_excess(&self) {
+        let excess = self.slots.len().saturating_sub(self.settings.max_resident);
+        if excess == 0 {
+            return;
+        }
+        let mut by_age: Vec<(u64, Addr<DeviceActor>)> = self
+            .slots
+            .iter()
+            .map(|slot| (slot.last_active.load(Ordering::Relaxed), slot.addr.clone()))
+            .collect();
+        by_age.select_nth_unstable_by_key(excess - 1, |(at, _)| *at);
+        for (_, addr) in by_age.into_iter().take(excess) {
+            addr.do_send(messages::Passivate);
+        }
+        metrics::counter!("orchard_actor_evictions_total").increment(excess as u64);
+    }
+
+    /// Share one allocation per command body among resident queues.
+    pub(crate) fn intern_body(&self, command: StoredCommand) -> Arc<StoredCommand> {
+        if let Some(existing) = self.bodies.get(&command.command_uuid).and_then(|w| w.upgrade()) {
+            return existing;
+        }
+        let shared = Arc::new(command);
+        self.bodies
+            .insert(shared.command_uuid.clone(), Arc::downgrade(&shared));
+        shared
+    }
+
+    /// Drop interned bodies no queue holds any more (called with the eviction sweep).
+    pub fn prune_bodies(&self) {
+        self.bodies.retain(|_, body| body.strong_count() > 0);
+    }
+
+    fn activate(self: &Arc<Self>, id: &str) -> Result<(Addr<DeviceActor>, u64), DeviceError> {
+        if !self.shards.is_local(shard_of(id)) {
+            return Err(DeviceError::NotLocal);
+        }
+        if let Some(slot) = self.slots.get(id) {
+            slot.last_active.store(now_millis(), Ordering::Relaxed);
+            return Ok((slot.addr.clone(), slot.incarnation));
+        }
+        let slot = self.slots.entry(id.to_string()).or_insert_with(|| {
+            let incarnation = self.incarnations.fetch_add(1, Ordering::Relaxed);
+            let last_active = Arc::new(AtomicU64::new(now_millis()));
+            let actor = DeviceActor::new(
+                id.to_string(),
+                Arc::clone(self),
+                incarnation,
+                Arc::clone(&last_active),
+            );
+            Slot {
+                addr: actor.start(),
+                incarnation,
+                last_active,
+            }
+        });
+        Ok((slot.addr.clone(), slot.incarnation))
+    }
+
+    /// Remove the slot if it still belongs to the given incarnation.
+    fn forget(&self, id: &str, incarnation: u64) {
+        self.slots
+            .remove_if(id, |_, slot| slot.incarnation == incarnation);
+    }
+}
+
+pub(crate) fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub(crate) fn now_secs() -> i64 {
+    (now_millis() / 1000) as i64
+}

@@ -1,0 +1,137 @@
+//! The HTTP surface: device endpoints (`/mdm`, `/checkin`, `/mdm/enroll`), the admin API
+//! (`/api/v1/...`, API-key protected), and operations endpoints (`/metrics`, `/healthz`,
+//! `/readyz`, `/version`). Handlers translate HTTP to device-actor messages and back;
+//! protocol decoding lives in `protocol`, state in `device`.
+
+mod admin;
+mod auth;
+pub mod body;
+mod device;
+pub mod identity;
+mod nanohub;
+pub mod rejection;
+pub mod tls;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::middleware::{from_fn, Next};
+use actix_web::{web, HttpResponse};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::device::Registry;
+use crate::enroll::EnrollmentProfiles;
+use crate::identity::IdentityVerifier;
+use crate::push::Push;
+use crate::store::Store;
+
+/// Request-handling settings derived from the command line.
+#[derive(Clone, Debug)]
+pub struct HttpSettings {
+    pub client_cert_header: Option<String>,
+    pub max_body_bytes: usize,
+    pub body_timeout: Duration,
+}
+
+/// Everything a handler may use; shared by all workers.
+pub struct AppState {
+    pub settings: HttpSettings,
+    pub store: Arc<dyn Store>,
+    pub registry: Arc<Registry>,
+    pub verifier: Arc<IdentityVerifier>,
+    pub push: Arc<dyn Push>,
+    pub profiles: EnrollmentProfiles,
+    pub api_key: auth::ApiKey,
+    pub metrics: PrometheusHandle,
+}
+
+impl AppState {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        settings: HttpSettings,
+        store: Arc<dyn Store>,
+        registry: Arc<Registry>,
+        verifier: Arc<IdentityVerifier>,
+        push: Arc<dyn Push>,
+        profiles: EnrollmentProfiles,
+        api_key: &str,
+        metrics: PrometheusHandle,
+    ) -> Self {
+        AppState {
+            settings,
+            store,
+            registry,
+            verifier,
+            push,
+            profiles,
+            api_key: auth::ApiKey::new(api_key),
+            metrics,
+        }
+    }
+}
+
+/// All routes, for `App::configure`.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("")
+            .wrap(from_fn(record_request))
+            .route("/mdm", web::put().to(device::mdm))
+            .route("/checkin", web::put().to(device::checkin_only))
+            .route("/mdm/enroll", web::get().to(device::enroll))
+            .route("/metrics", web::get().to(render_metrics))
+            .route("/healthz", web::get().to(healthz))
+            .route("/readyz", web::get().to(readyz))
+            .route("/version", web::get().to(version))
+            .route("/api/v1/openapi.json", web::get().to(admin::openapi))
+            .service(
+                web::scope("/api/v1")
+                    .wrap(from_fn(auth::require_api_key))
+                    .configure(nanohub::routes)
+                    .configure(admin::routes),
+            ),
+    );
+}
+
+/// Count and time every request by route pattern (not raw path: ids would explode
+/// label cardinality).
+async fn record_request(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let started = Instant::now();
+    let endpoint = req.match_pattern().unwrap_or_else(|| "unmatched".to_string());
+    let method = req.method().to_string();
+    let response = next.call(req).await?;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("orchard_http_requests_total", "endpoint" => endpoint.clone(), "method" => method, "status" => status).increment(1);
+    metrics::histogram!("orchard_http_request_duration_seconds", "endpoint" => endpoint)
+        .record(started.elapsed().as_secs_f64());
+    Ok(response)
+}
+
+async fn render_metrics(state: web::Data<AppState>) -> HttpResponse {
+    metrics::gauge!("orchard_resident_actors_registered").set(state.registry.resident_count() as f64);
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render())
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain").body("ok\n")
+}
+
+/// Ready when the store answers a read.
+async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    match state.store.enrollment_ids(None, 1).await {
+        Ok(_) => HttpResponse::Ok().content_type("text/plain").body("ready\n"),
+        Err(e) => HttpResponse::ServiceUnavailable()
+            .content_type("text/plain")
+            .body(format!("store unavailable: {e}\n")),
+    }
+}
+
+async fn version() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "version": env!("CARGO_PKG_VERSION") }))
+}

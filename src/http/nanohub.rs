@@ -1,0 +1,254 @@
+//! NanoHUB-compatible routes (contract.md §3.1): same paths under `/api/v1/nanomdm`, same
+//! request and response shapes, so existing NanoMDM/NanoHUB scripts work unchanged.
+
+use std::collections::BTreeMap;
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::{Deserialize, Serialize};
+
+use super::body::read_limited;
+use super::rejection::Rejection;
+use super::AppState;
+use crate::commands::{self, Delivery};
+use crate::identity::PushCertificate;
+use crate::protocol::command::inspect_command;
+use crate::push::PushOutcome;
+use crate::store::{Mutation, PushCertRecord, StoredCommand};
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/nanomdm/pushcert", web::put().to(upload_push_cert))
+        .route("/nanomdm/pushcert", web::get().to(get_push_cert))
+        .route("/nanomdm/enqueue/{ids}", web::put().to(enqueue))
+        .route("/nanomdm/push/{ids}", web::get().to(push))
+        .route("/nanomdm/push/{ids}", web::post().to(push));
+}
+
+/// Comma-separated enrollment ids from a route; empty entries are ignored.
+pub(super) fn split_ids(ids: &str) -> Result<Vec<String>, Rejection> {
+    let ids: Vec<String> = ids
+        .split(',')
+        .map(str::trim)
+        .filter(|id| !id.is_empty())
+        .map(str::to_string)
+        .collect();
+    if ids.is_empty() {
+        return Err(Rejection::api(StatusCode::BAD_REQUEST, "no_ids", "no enrollment ids given"));
+    }
+    Ok(ids)
+}
+
+#[derive(Serialize)]
+struct PushCertResponse {
+    topic: String,
+    not_after: String,
+}
+
+impl From<&PushCertRecord> for PushCertResponse {
+    fn from(record: &PushCertRecord) -> Self {
+        PushCertResponse {
+            topic: record.topic.clone(),
+            not_after: rfc3339(record.not_after),
+        }
+    }
+}
+
+pub(super) fn rfc3339(unix_secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix_secs)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+/// `PUT /api/v1/nanomdm/pushcert`: PEM certificate + PEM private key.
+async fn upload_push_cert(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    let body = read_limited(&req, payload, state.settings.max_body_bytes, state.settings.body_timeout)
+        .await
+        .map_err(Rejection::for_api)?;
+    let cert = PushCertificate::from_pem(&body).map_err(|e| {
+        Rejection::api(StatusCode::BAD_REQUEST, e.reason(), e.to_string())
+    })?;
+    let record = PushCertRecord {
+        topic: cert.topic.clone(),
+        cert_pem: cert.cert_pem.clone(),
+        key_pem: cert.key_pem.clone(),
+        not_after: cert.not_after,
+        uploaded_at: crate::device::now_secs(),
+    };
+    state
+        .store
+        .apply(vec![Mutation::PutPushCert(record.clone())])
+        .await
+        .map_err(|e| Rejection::api(StatusCode::SERVICE_UNAVAILABLE, "store_failure", e.to_string()))?;
+    metrics::gauge!("orchard_push_cert_expiry_seconds", "topic" => record.topic.clone())
+        .set(record.not_after as f64);
+    tracing::info!(topic = %record.topic, "push certificate stored");
+    Ok(HttpResponse::Ok().json(PushCertResponse::from(&record)))
+}
+
+#[derive(Deserialize)]
+struct TopicQuery {
+    topic: Option<String>,
+}
+
+/// `GET /api/v1/nanomdm/pushcert?topic=`: the stored certificate's topic and expiry.
+async fn get_push_cert(
+    query: web::Query<TopicQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    let certs = state
+        .store
+        .push_certs()
+        .await
+        .map_err(|e| Rejection::api(StatusCode::SERVICE_UNAVAILABLE, "store_failure", e.to_string()))?;
+    let found = match &query.topic {
+        Some(topic) => certs.iter().find(|c| &c.topic == topic),
+        None => certs.iter().max_by_key(|c| c.uploaded_at),
+    };
+    found
+        .map(|record| HttpResponse::Ok().json(PushCertResponse::from(record)))
+        .ok_or_else(|| Rejection::api(StatusCode::NOT_FOUND, "unknown_topic", "no push certificate for that topic"))
+}
+
+#[derive(Deserialize)]
+struct EnqueueQuery {
+    nopush: Option<String>,
+}
+
+#[derive(Default, Serialize)]
+struct EnrolledResult {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    push_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    push_result: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    command_error: Option<String>,
+}
+
+impl EnrolledResult {
+    fn from_push(outcome: &PushOutcome) -> Self {
+        match outcome {
+            PushOutcome::Sent { apns_id } => EnrolledResult {
+                push_result: Some(apns_id.clone()),
+                ..Default::default()
+            },
+            PushOutcome::NotSent { reason } | PushOutcome::Failed { reason } => EnrolledResult {
+                push_error: Some(reason.clone()),
+                ..Default::default()
+            },
+        }
+    }
+}
+
+#[derive(Default, Serialize)]
+struct EnqueueResponse {
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    status: BTreeMap<String, EnrolledResult>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    no_push: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    push_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    command_error: Option<String>,
+    command_uuid: String,
+    request_type: String,
+}
+
+/// `PUT /api/v1/nanomdm/enqueue/{id,...}[?nopush=1]`: body is a raw command plist.
+async fn enqueue(
+    req: HttpRequest,
+    ids: web::Path<String>,
+    query: web::Query<EnqueueQuery>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    let ids = split_ids(&ids)?;
+    let body = read_limited(&req, payload, state.settings.max_body_bytes, state.settings.body_timeout)
+        .await
+        .map_err(Rejection::for_api)?;
+    let info = inspect_command(&body).map_err(|e| Rejection::protocol(e).for_api())?;
+    let no_push = query.nopush.as_deref().is_some_and(|v| !v.is_empty() && v != "0");
+    let command = StoredCommand {
+        command_uuid: info.command_uuid.clone(),
+        request_type: info.request_type.clone(),
+        body: body.to_vec(),
+    };
+    let deliveries = commands::enqueue(&state.registry, &*state.store, &*state.push, &ids, command, 0, !no_push)
+        .await
+        .map_err(|e| Rejection::api(StatusCode::SERVICE_UNAVAILABLE, "store_failure", e.to_string()))?;
+    let status = enqueue_status(&deliveries);
+    let failed = deliveries.iter().filter(|d| d.queued.is_err()).count();
+    let response = EnqueueResponse {
+        status: deliveries
+            .iter()
+            .filter_map(|d| per_id_result(d).map(|r| (d.enrollment_id.clone(), r)))
+            .collect(),
+        no_push,
+        command_error: (failed > 0).then(|| format!("{failed} of {} enrollments could not queue the command", deliveries.len())),
+        push_error: None,
+        command_uuid: info.command_uuid,
+        request_type: info.request_type,
+    };
+    Ok(HttpResponse::build(status).json(response))
+}
+
+fn per_id_result(delivery: &Delivery) -> Option<EnrolledResult> {
+    match (&delivery.queued, &delivery.push) {
+        (Err(e), _) => Some(EnrolledResult {
+            command_error: Some(e.to_string()),
+            ..Default::default()
+        }),
+        (Ok(()), Some(outcome)) => Some(EnrolledResult::from_push(outcome)),
+        (Ok(()), None) => None,
+    }
+}
+
+/// 200 when every id queued the command, 207 when some did, 404/503 when none did.
+fn enqueue_status(deliveries: &[Delivery]) -> StatusCode {
+    let queued = deliveries.iter().filter(|d| d.queued.is_ok()).count();
+    if queued == deliveries.len() {
+        StatusCode::OK
+    } else if queued > 0 {
+        StatusCode::MULTI_STATUS
+    } else if deliveries
+        .iter()
+        .all(|d| matches!(d.queued, Err(crate::device::DeviceError::UnknownEnrollment(_))))
+    {
+        StatusCode::NOT_FOUND
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+#[derive(Serialize)]
+struct PushResponse {
+    status: BTreeMap<String, EnrolledResult>,
+}
+
+/// `GET|POST /api/v1/nanomdm/push/{id,...}`: answers once every push has an outcome.
+async fn push(ids: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, Rejection> {
+    let ids = split_ids(&ids)?;
+    let outcomes = commands::push_enrollments(&state.registry, &*state.push, &ids).await;
+    let failed = outcomes
+        .iter()
+        .filter(|(_, o)| matches!(o, PushOutcome::Failed { .. }))
+        .count();
+    let status = if failed == 0 {
+        StatusCode::OK
+    } else if failed < outcomes.len() {
+        StatusCode::MULTI_STATUS
+    } else {
+        StatusCode::NOT_FOUND
+    };
+    let body = PushResponse {
+        status: outcomes
+            .iter()
+            .map(|(id, outcome)| (id.clone(), EnrolledResult::from_push(outcome)))
+            .collect(),
+    };
+    Ok(HttpResponse::build(status).json(body))
+}

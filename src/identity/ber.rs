@@ -1,0 +1,195 @@
+//! BER to DER normalisation for CMS messages.
+//!
+//! Apple devices build `Mdm-Signature` with a streaming CMS encoder that emits BER
+//! indefinite lengths (`0x80` … `00 00`). The `der` crate — rightly — refuses those, so
+//! signatures are re-encoded with definite, minimal lengths before they are decoded.
+//! Contents are copied byte for byte: signed attributes and certificates are DER already
+//! (RFC 5652 requires it), so the bytes the signature covers are unchanged.
+
+use super::IdentityError;
+
+/// Deeper nesting than any real SignedData; bounds recursion on hostile input.
+const MAX_DEPTH: usize = 64;
+
+const INDEFINITE_LENGTH: u8 = 0x80;
+const CONSTRUCTED: u8 = 0x20;
+const HIGH_TAG_NUMBER: u8 = 0x1f;
+
+/// Re-encodes one BER element (and everything inside it) as DER lengths.
+pub(crate) fn normalize(input: &[u8]) -> Result<Vec<u8>, IdentityError> {
+    let mut reader = Reader { data: input, pos: 0 };
+    let mut out = Vec::with_capacity(input.len());
+    reader.copy_element(&mut out, 0)?;
+    if reader.pos != input.len() {
+        return Err(malformed("trailing bytes after the outer element"));
+    }
+    Ok(out)
+}
+
+fn malformed(what: &str) -> IdentityError {
+    IdentityError::BadDer(format!("BER: {what}"))
+}
+
+enum Length {
+    Definite(usize),
+    Indefinite,
+}
+
+struct Reader<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn byte(&mut self) -> Result<u8, IdentityError> {
+        let byte = *self
+            .data
+            .get(self.pos)
+            .ok_or_else(|| malformed("truncated element"))?;
+        self.pos += 1;
+        Ok(byte)
+    }
+
+    fn take(&mut self, len: usize) -> Result<&[u8], IdentityError> {
+        let end = self
+            .pos
+            .checked_add(len)
+            .filter(|end| *end <= self.data.len())
+            .ok_or_else(|| malformed("length exceeds the available data"))?;
+        let slice = &self.data[self.pos..end];
+        self.pos = end;
+        Ok(slice)
+    }
+
+    fn at_end_of_contents(&self) -> bool {
+        self.data.get(self.pos..self.pos + 2) == Some(&[0, 0])
+    }
+
+    /// Reads the identifier octets, returning them and whether the element is constructed.
+    fn tag(&mut self) -> Result<(&[u8], bool), IdentityError> {
+        let start = self.pos;
+        let first = self.byte()?;
+        if first & HIGH_TAG_NUMBER == HIGH_TAG_NUMBER {
+            while self.byte()? & 0x80 != 0 {}
+        }
+        Ok((&self.data[start..self.pos], first & CONSTRUCTED != 0))
+    }
+
+    fn length(&mut self) -> Result<Length, IdentityError> {
+        let first = self.byte()?;
+        if first < INDEFINITE_LENGTH {
+            return Ok(Length::Definite(usize::from(first)));
+        }
+        if first == INDEFINITE_LENGTH {
+            return Ok(Length::Indefinite);
+        }
+        let octets = usize::from(first & 0x7f);
+        if octets > 4 {
+            return Err(malformed("length field longer than four octets"));
+        }
+        let mut len = 0usize;
+        for _ in 0..octets {
+            len = (len << 8) | usize::from(self.byte()?);
+        }
+        Ok(Length::Definite(len))
+    }
+
+    fn copy_element(&mut self, out: &mut Vec<u8>, depth: usize) -> Result<(), IdentityError> {
+        if depth > MAX_DEPTH {
+            return Err(malformed("nesting too deep"));
+        }
+        let (tag, constructed) = self.tag()?;
+        let tag = tag.to_vec();
+        let length = self.length()?;
+        let contents = match (length, constructed) {
+            (Length::Definite(len), false) => self.take(len)?.to_vec(),
+            (Length::Indefinite, false) => {
+                return Err(malformed("indefinite length on a primitive element"))
+            }
+            (Length::Definite(len), true) => {
+                let mut inner = Reader {
+                    data: self.take(len)?,
+                    pos: 0,
+                };
+                let mut contents = Vec::with_capacity(len);
+                while inner.pos < inner.data.len() {
+                    inner.copy_element(&mut contents, depth + 1)?;
+                }
+                contents
+            }
+            (Length::Indefinite, true) => {
+                let mut contents = Vec::new();
+                while !self.at_end_of_contents() {
+                    self.copy_element(&mut contents, depth + 1)?;
+                }
+                self.pos += 2;
+                contents
+            }
+        };
+        out.extend_from_slice(&tag);
+        write_length(out, contents.len());
+        out.extend_from_slice(&contents);
+        Ok(())
+    }
+}
+
+fn write_length(out: &mut Vec<u8>, len: usize) {
+    if len < usize::from(INDEFINITE_LENGTH) {
+        // Checked just above: the length fits in seven bits.
+        out.push(len as u8);
+        return;
+    }
+    let bytes = len.to_be_bytes();
+    let significant = &bytes[bytes.iter().take_while(|byte| **byte == 0).count()..];
+    out.push(INDEFINITE_LENGTH | significant.len() as u8);
+    out.extend_from_slice(significant);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn der_input_is_returned_unchanged() {
+        let der = [0x30, 0x06, 0x02, 0x01, 0x05, 0x04, 0x01, 0xff];
+        assert_eq!(normalize(&der).unwrap(), der);
+    }
+
+    #[test]
+    fn nested_indefinite_lengths_become_definite() {
+        // SEQUENCE(indef) { [0](indef) { INTEGER 1 } , NULL }
+        let ber = [
+            0x30, 0x80, 0xa0, 0x80, 0x02, 0x01, 0x01, 0x00, 0x00, 0x05, 0x00, 0x00, 0x00,
+        ];
+        let der = [0x30, 0x07, 0xa0, 0x03, 0x02, 0x01, 0x01, 0x05, 0x00];
+        assert_eq!(normalize(&ber).unwrap(), der);
+    }
+
+    #[test]
+    fn non_minimal_lengths_are_shortened_and_long_ones_kept() {
+        let ber = [0x04, 0x82, 0x00, 0x01, 0xaa];
+        assert_eq!(normalize(&ber).unwrap(), [0x04, 0x01, 0xaa]);
+
+        let mut long = vec![0x04, 0x82, 0x01, 0x00];
+        long.extend(std::iter::repeat_n(7u8, 256));
+        assert_eq!(normalize(&long).unwrap(), long);
+    }
+
+    #[test]
+    fn truncated_input_is_an_error_not_a_panic() {
+        for ber in [&[0x30, 0x80, 0x02][..], &[0x30, 0x05, 0x02, 0x01], &[0x04, 0x84]] {
+            assert_eq!(normalize(ber).unwrap_err().reason(), "bad_der");
+        }
+    }
+
+    #[test]
+    fn hostile_nesting_is_bounded() {
+        let ber: Vec<u8> = std::iter::repeat_n([0x30, 0x80], 10_000).flatten().collect();
+        assert_eq!(normalize(&ber).unwrap_err().to_string(), "invalid DER: BER: nesting too deep");
+    }
+
+    #[test]
+    fn trailing_bytes_are_rejected() {
+        assert_eq!(normalize(&[0x05, 0x00, 0x00]).unwrap_err().reason(), "bad_der");
+    }
+}

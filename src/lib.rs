@@ -1,0 +1,16 @@
+//! Orchard: an Apple device-management server (MDM + Declarative Device Management) for
+//! large fleets. See ARCHITECTURE.md for the map of modules and the request flow.
+
+pub mod cluster;
+pub mod commands;
+pub mod config;
+pub mod device;
+pub mod enroll;
+pub mod http;
+pub mod identity;
+pub mod protocol;
+pub mod push;
+pub mod schema;
+pub mod server;
+pub mod store;
+pub mod telemetry;

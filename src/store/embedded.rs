@@ -1,0 +1,742 @@
+//! The single-node store: one redb file, written by one group-committing thread.
+//!
+//! Why redb: it is a copy-on-write B-tree in a single file. Readers open MVCC snapshots
+//! and never block the single writer (nor does the writer block them), which matches
+//! Orchard's load: many concurrent check-in reads, and writes that are naturally
+//! serialised per device. It runs no background compaction or flush threads that would
+//! compete for CPU with TLS and plist work on a small machine, and a commit is crash-safe
+//! with one fsync: after a `kill -9` the file opens at the last committed transaction.
+//!
+//! Why group commit: an fsync costs milliseconds, so one commit per request would cap
+//! Orchard at a few hundred writes per second. [`EmbeddedStore::apply`] hands its batch
+//! to the writer thread and waits; the writer takes every batch already waiting, applies
+//! them all in one write transaction, commits once with [`Durability::Immediate`], and
+//! only then answers each waiter. Every acknowledged batch is therefore durable, and the
+//! fsync cost is shared by everyone who arrived while the previous commit was running.
+//! A group is atomic as a whole: if its transaction fails, every batch in it fails and
+//! none of it becomes visible.
+//!
+//! Values are postcard-encoded; a value that does not decode is reported as
+//! [`StoreError::Corrupt`].
+
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use metrics::{counter, histogram};
+use redb::{Database, Durability, ReadTransaction, ReadableTable, Table, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, warn};
+
+use super::{
+    CertFingerprint, CommandResult, EnrollmentRecord, Mutation, PushCertRecord, QueueEntry, Store,
+    StoreError, StoreResult, StoredCommand,
+};
+
+/// Name of the database file inside the data directory.
+pub const DATABASE_FILE: &str = "orchard.redb";
+
+/// Most batches committed in one transaction, so that one commit's latency stays bounded.
+const MAX_GROUP_BATCHES: usize = 1024;
+/// Most encoded bytes committed in one transaction, for the same reason.
+const MAX_GROUP_BYTES: usize = 32 * 1024 * 1024;
+/// Batches that may wait for the writer before `apply` callers are made to wait to enqueue.
+const WRITE_QUEUE_CAPACITY: usize = 4096;
+
+/// enrollment id -> [`EnrollmentRecord`].
+const ENROLLMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("enrollments");
+/// certificate fingerprint -> enrollment id.
+const CERT_BINDINGS: TableDefinition<&[u8; 32], &str> = TableDefinition::new("cert_bindings");
+/// command UUID -> [`StoredCommand`].
+const COMMANDS: TableDefinition<&str, &[u8]> = TableDefinition::new("commands");
+/// (enrollment id, seq) -> [`QueueEntry`]: one range scan yields a queue in seq order.
+const QUEUE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("queue");
+/// (enrollment id, seq, command UUID) -> [`CommandResult`]: the newest results of an
+/// enrollment are read from the end of its range without decoding older ones.
+const RESULTS: TableDefinition<(&str, u64, &str), &[u8]> = TableDefinition::new("results");
+/// (enrollment id, command UUID) -> seq under which its result is stored in [`RESULTS`].
+const RESULT_SEQS: TableDefinition<(&str, &str), u64> = TableDefinition::new("result_seqs");
+/// topic -> [`PushCertRecord`].
+const PUSH_CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("push_certs");
+
+/// The embedded, single-node [`Store`].
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    /// Taken on drop so that the writer sees the channel close, drains, and exits.
+    requests: Option<mpsc::Sender<WriteRequest>>,
+    writer: Option<JoinHandle<()>>,
+    commits: Arc<AtomicU64>,
+}
+
+impl EmbeddedStore {
+    /// Open (or create) `dir/orchard.redb`, creating `dir` if needed, and start the
+    /// writer thread.
+    pub fn open(dir: &Path) -> StoreResult<Arc<EmbeddedStore>> {
+        std::fs::create_dir_all(dir).map_err(|err| {
+            StoreError::Backend(format!("cannot create {}: {err}", dir.display()))
+        })?;
+        let db = Arc::new(Database::create(dir.join(DATABASE_FILE)).map_err(backend_error)?);
+        create_tables(&db)?;
+
+        let (sender, receiver) = mpsc::channel(WRITE_QUEUE_CAPACITY);
+        let commits = Arc::new(AtomicU64::new(0));
+        let writer = GroupWriter {
+            db: Arc::clone(&db),
+            requests: receiver,
+            commits: Arc::clone(&commits),
+        };
+        let writer = std::thread::Builder::new()
+            .name("orchard-store-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|err| StoreError::Backend(format!("cannot start writer thread: {err}")))?;
+
+        Ok(Arc::new(EmbeddedStore {
+            db,
+            requests: Some(sender),
+            writer: Some(writer),
+            commits,
+        }))
+    }
+
+    /// Write transactions committed since this store was opened; with concurrent
+    /// writers it grows more slowly than the number of `apply` calls.
+    pub fn commit_count(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    async fn submit(&self, batch: Vec<Mutation>) -> StoreResult<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mutations = batch
+            .into_iter()
+            .map(EncodedMutation::encode)
+            .collect::<StoreResult<Vec<_>>>()?;
+        let (reply, outcome) = oneshot::channel();
+        let request = WriteRequest {
+            encoded_bytes: mutations.iter().map(EncodedMutation::encoded_bytes).sum(),
+            mutations,
+            reply,
+        };
+        let requests = self.requests.as_ref().ok_or(StoreError::Closed)?;
+        requests
+            .send(request)
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        outcome.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Run `query` in a read snapshot on the blocking pool, recording its latency.
+    async fn read<T, Q>(&self, op: &'static str, query: Q) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        Q: FnOnce(&ReadTransaction) -> StoreResult<T> + Send + 'static,
+    {
+        let started = Instant::now();
+        let db = Arc::clone(&self.db);
+        let outcome = tokio::task::spawn_blocking(move || {
+            let snapshot = db.begin_read().map_err(backend_error)?;
+            query(&snapshot)
+        })
+        .await
+        .unwrap_or_else(|err| Err(StoreError::Backend(format!("read task failed: {err}"))));
+        histogram!("orchard_store_read_seconds", "op" => op)
+            .record(started.elapsed().as_secs_f64());
+        if let Err(err) = &outcome {
+            counter!("orchard_store_errors_total", "op" => op).increment(1);
+            warn!(op, %err, "store read failed");
+        }
+        outcome
+    }
+}
+
+impl Drop for EmbeddedStore {
+    /// Closing the channel lets the writer commit what is still queued and exit; joining
+    /// it releases the database file before the drop returns, so it can be reopened.
+    fn drop(&mut self) {
+        drop(self.requests.take());
+        if let Some(writer) = self.writer.take() {
+            if writer.join().is_err() {
+                error!("store writer thread panicked");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn apply(&self, batch: Vec<Mutation>) -> StoreResult<()> {
+        let started = Instant::now();
+        let outcome = self.submit(batch).await;
+        histogram!("orchard_store_apply_seconds").record(started.elapsed().as_secs_f64());
+        if outcome.is_err() {
+            counter!("orchard_store_errors_total", "op" => "apply").increment(1);
+        }
+        outcome
+    }
+
+    async fn enrollment(&self, id: &str) -> StoreResult<Option<EnrollmentRecord>> {
+        let id = id.to_owned();
+        self.read("enrollment", move |snapshot| {
+            let table = snapshot.open_table(ENROLLMENTS).map_err(backend_error)?;
+            let value = table.get(id.as_str()).map_err(backend_error)?;
+            value
+                .map(|value| decode("enrollment", &id, value.value()))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn enrollment_ids(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<String>> {
+        let after = after.map(str::to_owned);
+        self.read("enrollment_ids", move |snapshot| {
+            let table = snapshot.open_table(ENROLLMENTS).map_err(backend_error)?;
+            let lower = match &after {
+                Some(after) => Bound::Excluded(after.as_str()),
+                None => Bound::Unbounded,
+            };
+            let rows = table
+                .range::<&str>((lower, Bound::Unbounded))
+                .map_err(backend_error)?;
+            rows.take(limit)
+                .map(|row| {
+                    let (id, _) = row.map_err(backend_error)?;
+                    Ok(id.value().to_owned())
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn cert_binding(&self, fingerprint: &CertFingerprint) -> StoreResult<Option<String>> {
+        let fingerprint = *fingerprint;
+        self.read("cert_binding", move |snapshot| {
+            let table = snapshot.open_table(CERT_BINDINGS).map_err(backend_error)?;
+            let value = table.get(&fingerprint).map_err(backend_error)?;
+            Ok(value.map(|id| id.value().to_owned()))
+        })
+        .await
+    }
+
+    async fn command(&self, command_uuid: &str) -> StoreResult<Option<StoredCommand>> {
+        let command_uuid = command_uuid.to_owned();
+        self.read("command", move |snapshot| {
+            let table = snapshot.open_table(COMMANDS).map_err(backend_error)?;
+            let value = table.get(command_uuid.as_str()).map_err(backend_error)?;
+            value
+                .map(|value| decode("command", &command_uuid, value.value()))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn queue(&self, enrollment_id: &str) -> StoreResult<Vec<QueueEntry>> {
+        let enrollment_id = enrollment_id.to_owned();
+        self.read("queue", move |snapshot| {
+            let table = snapshot.open_table(QUEUE).map_err(backend_error)?;
+            let id = enrollment_id.as_str();
+            let rows = table
+                .range((id, 0u64)..=(id, u64::MAX))
+                .map_err(backend_error)?;
+            rows.map(|row| {
+                let (key, value) = row.map_err(backend_error)?;
+                let (_, seq) = key.value();
+                decode("queue entry", &format!("{id}/{seq}"), value.value())
+            })
+            .collect()
+        })
+        .await
+    }
+
+    async fn results(&self, enrollment_id: &str, limit: usize) -> StoreResult<Vec<CommandResult>> {
+        let enrollment_id = enrollment_id.to_owned();
+        self.read("results", move |snapshot| {
+            let table = snapshot.open_table(RESULTS).map_err(backend_error)?;
+            let id = enrollment_id.as_str();
+            let after_id = enrollment_successor(id);
+            let rows = table
+                .range((id, 0u64, "")..(after_id.as_str(), 0u64, ""))
+                .map_err(backend_error)?;
+            let mut newest_first = rows
+                .rev()
+                .take(limit)
+                .map(|row| {
+                    let (key, value) = row.map_err(backend_error)?;
+                    let (_, _, uuid) = key.value();
+                    decode("result", &format!("{id}/{uuid}"), value.value())
+                })
+                .collect::<StoreResult<Vec<CommandResult>>>()?;
+            newest_first.reverse();
+            Ok(newest_first)
+        })
+        .await
+    }
+
+    async fn result(
+        &self,
+        enrollment_id: &str,
+        command_uuid: &str,
+    ) -> StoreResult<Option<CommandResult>> {
+        let enrollment_id = enrollment_id.to_owned();
+        let command_uuid = command_uuid.to_owned();
+        self.read("result", move |snapshot| {
+            let seqs = snapshot.open_table(RESULT_SEQS).map_err(backend_error)?;
+            let (id, uuid) = (enrollment_id.as_str(), command_uuid.as_str());
+            let Some(seq) = seqs.get((id, uuid)).map_err(backend_error)? else {
+                return Ok(None);
+            };
+            let results = snapshot.open_table(RESULTS).map_err(backend_error)?;
+            let value = results
+                .get((id, seq.value(), uuid))
+                .map_err(backend_error)?;
+            value
+                .map(|value| decode("result", &format!("{id}/{uuid}"), value.value()))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn push_cert(&self, topic: &str) -> StoreResult<Option<PushCertRecord>> {
+        let topic = topic.to_owned();
+        self.read("push_cert", move |snapshot| {
+            let table = snapshot.open_table(PUSH_CERTS).map_err(backend_error)?;
+            let value = table.get(topic.as_str()).map_err(backend_error)?;
+            value
+                .map(|value| decode("push certificate", &topic, value.value()))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn push_certs(&self) -> StoreResult<Vec<PushCertRecord>> {
+        self.read("push_certs", |snapshot| {
+            let table = snapshot.open_table(PUSH_CERTS).map_err(backend_error)?;
+            let rows = table.iter().map_err(backend_error)?;
+            rows.map(|row| {
+                let (topic, value) = row.map_err(backend_error)?;
+                decode("push certificate", topic.value(), value.value())
+            })
+            .collect()
+        })
+        .await
+    }
+}
+
+/// One `apply` call waiting for its group to commit.
+struct WriteRequest {
+    mutations: Vec<EncodedMutation>,
+    encoded_bytes: usize,
+    reply: oneshot::Sender<StoreResult<()>>,
+}
+
+/// A [`Mutation`] with its values already encoded, so that the writer thread spends its
+/// time on the B-tree and the fsync only.
+enum EncodedMutation {
+    PutEnrollment {
+        id: String,
+        value: Vec<u8>,
+    },
+    BindCertificate {
+        fingerprint: CertFingerprint,
+        enrollment_id: String,
+    },
+    PutCommand {
+        command_uuid: String,
+        value: Vec<u8>,
+    },
+    PutQueueEntry {
+        enrollment_id: String,
+        seq: u64,
+        value: Vec<u8>,
+    },
+    RemoveQueueEntry {
+        enrollment_id: String,
+        seq: u64,
+    },
+    ClearQueue {
+        enrollment_id: String,
+    },
+    PutResult {
+        enrollment_id: String,
+        command_uuid: String,
+        seq: u64,
+        value: Vec<u8>,
+    },
+    PutPushCert {
+        topic: String,
+        value: Vec<u8>,
+    },
+}
+
+impl EncodedMutation {
+    fn encode(mutation: Mutation) -> StoreResult<EncodedMutation> {
+        Ok(match mutation {
+            Mutation::PutEnrollment(record) => EncodedMutation::PutEnrollment {
+                value: encode(&record)?,
+                id: record.id,
+            },
+            Mutation::BindCertificate {
+                fingerprint,
+                enrollment_id,
+            } => EncodedMutation::BindCertificate {
+                fingerprint,
+                enrollment_id,
+            },
+            Mutation::PutCommand(command) => EncodedMutation::PutCommand {
+                value: encode(&command)?,
+                command_uuid: command.command_uuid,
+            },
+            Mutation::PutQueueEntry {
+                enrollment_id,
+                entry,
+            } => EncodedMutation::PutQueueEntry {
+                value: encode(&entry)?,
+                enrollment_id,
+                seq: entry.seq,
+            },
+            Mutation::RemoveQueueEntry { enrollment_id, seq } => {
+                EncodedMutation::RemoveQueueEntry { enrollment_id, seq }
+            }
+            Mutation::ClearQueue { enrollment_id } => EncodedMutation::ClearQueue { enrollment_id },
+            Mutation::PutResult {
+                enrollment_id,
+                result,
+            } => EncodedMutation::PutResult {
+                value: encode(&result)?,
+                enrollment_id,
+                seq: result.seq,
+                command_uuid: result.command_uuid,
+            },
+            Mutation::PutPushCert(record) => EncodedMutation::PutPushCert {
+                value: encode(&record)?,
+                topic: record.topic,
+            },
+        })
+    }
+
+    /// Approximate size written, for bounding a group.
+    fn encoded_bytes(&self) -> usize {
+        match self {
+            EncodedMutation::PutEnrollment { id, value } => id.len() + value.len(),
+            EncodedMutation::BindCertificate { enrollment_id, .. } => 32 + enrollment_id.len(),
+            EncodedMutation::PutCommand {
+                command_uuid,
+                value,
+            } => command_uuid.len() + value.len(),
+            EncodedMutation::PutQueueEntry {
+                enrollment_id,
+                value,
+                ..
+            } => enrollment_id.len() + 8 + value.len(),
+            EncodedMutation::RemoveQueueEntry { enrollment_id, .. } => enrollment_id.len() + 8,
+            EncodedMutation::ClearQueue { enrollment_id } => enrollment_id.len(),
+            EncodedMutation::PutResult {
+                enrollment_id,
+                command_uuid,
+                value,
+                ..
+            } => 2 * (enrollment_id.len() + command_uuid.len() + 8) + value.len(),
+            EncodedMutation::PutPushCert { topic, value } => topic.len() + value.len(),
+        }
+    }
+}
+
+/// Owns every write transaction: one commit per group of waiting batches.
+struct GroupWriter {
+    db: Arc<Database>,
+    requests: mpsc::Receiver<WriteRequest>,
+    commits: Arc<AtomicU64>,
+}
+
+impl GroupWriter {
+    /// Commit groups until every sender is gone and the channel is drained.
+    fn run(mut self) {
+        while let Some(first) = self.requests.blocking_recv() {
+            let group = self.gather_group(first);
+            self.commit_group(group);
+        }
+        debug!("store writer drained and stopped");
+    }
+
+    /// `first` plus every batch already waiting, within the group bounds.
+    fn gather_group(&mut self, first: WriteRequest) -> Vec<WriteRequest> {
+        let mut bytes = first.encoded_bytes;
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP_BATCHES && bytes < MAX_GROUP_BYTES {
+            match self.requests.try_recv() {
+                Ok(request) => {
+                    bytes += request.encoded_bytes;
+                    group.push(request);
+                }
+                Err(_) => break,
+            }
+        }
+        group
+    }
+
+    fn commit_group(&self, group: Vec<WriteRequest>) {
+        let started = Instant::now();
+        let outcome = write_group(&self.db, &group);
+        let elapsed = started.elapsed();
+        match &outcome {
+            Ok(()) => {
+                self.commits.fetch_add(1, Ordering::Relaxed);
+                counter!("orchard_store_commits_total").increment(1);
+                histogram!("orchard_store_group_size").record(group.len() as f64);
+                debug!(
+                    batches = group.len(),
+                    micros = elapsed.as_micros() as u64,
+                    "store group committed"
+                );
+            }
+            Err(err) => error!(batches = group.len(), %err, "store group commit failed"),
+        }
+        for request in group {
+            // A waiter that gave up (its future was dropped) needs no answer.
+            let _ = request.reply.send(outcome.clone());
+        }
+    }
+}
+
+/// Apply every batch of `group` in one durable transaction, or none of them.
+fn write_group(db: &Database, group: &[WriteRequest]) -> StoreResult<()> {
+    let mut transaction = db.begin_write().map_err(backend_error)?;
+    transaction.set_durability(Durability::Immediate);
+    let applied = WriteTables::open(&transaction).and_then(|mut tables| {
+        group
+            .iter()
+            .flat_map(|request| &request.mutations)
+            .try_for_each(|mutation| tables.apply(mutation))
+    });
+    match applied {
+        Ok(()) => transaction.commit().map_err(backend_error),
+        Err(err) => {
+            if let Err(abort_err) = transaction.abort() {
+                warn!(%abort_err, "store transaction abort failed");
+            }
+            Err(err)
+        }
+    }
+}
+
+/// Every table opened for writing in one transaction.
+struct WriteTables<'txn> {
+    enrollments: Table<'txn, &'static str, &'static [u8]>,
+    cert_bindings: Table<'txn, &'static [u8; 32], &'static str>,
+    commands: Table<'txn, &'static str, &'static [u8]>,
+    queue: Table<'txn, (&'static str, u64), &'static [u8]>,
+    results: Table<'txn, (&'static str, u64, &'static str), &'static [u8]>,
+    result_seqs: Table<'txn, (&'static str, &'static str), u64>,
+    push_certs: Table<'txn, &'static str, &'static [u8]>,
+}
+
+impl<'txn> WriteTables<'txn> {
+    fn open(transaction: &'txn redb::WriteTransaction) -> StoreResult<Self> {
+        Ok(WriteTables {
+            enrollments: transaction.open_table(ENROLLMENTS).map_err(backend_error)?,
+            cert_bindings: transaction
+                .open_table(CERT_BINDINGS)
+                .map_err(backend_error)?,
+            commands: transaction.open_table(COMMANDS).map_err(backend_error)?,
+            queue: transaction.open_table(QUEUE).map_err(backend_error)?,
+            results: transaction.open_table(RESULTS).map_err(backend_error)?,
+            result_seqs: transaction.open_table(RESULT_SEQS).map_err(backend_error)?,
+            push_certs: transaction.open_table(PUSH_CERTS).map_err(backend_error)?,
+        })
+    }
+
+    fn apply(&mut self, mutation: &EncodedMutation) -> StoreResult<()> {
+        match mutation {
+            EncodedMutation::PutEnrollment { id, value } => {
+                self.enrollments
+                    .insert(id.as_str(), value.as_slice())
+                    .map_err(backend_error)?;
+            }
+            EncodedMutation::BindCertificate {
+                fingerprint,
+                enrollment_id,
+            } => {
+                self.cert_bindings
+                    .insert(fingerprint, enrollment_id.as_str())
+                    .map_err(backend_error)?;
+            }
+            EncodedMutation::PutCommand {
+                command_uuid,
+                value,
+            } => {
+                if self
+                    .commands
+                    .get(command_uuid.as_str())
+                    .map_err(backend_error)?
+                    .is_none()
+                {
+                    self.commands
+                        .insert(command_uuid.as_str(), value.as_slice())
+                        .map_err(backend_error)?;
+                }
+            }
+            EncodedMutation::PutQueueEntry {
+                enrollment_id,
+                seq,
+                value,
+            } => {
+                self.queue
+                    .insert((enrollment_id.as_str(), *seq), value.as_slice())
+                    .map_err(backend_error)?;
+            }
+            EncodedMutation::RemoveQueueEntry { enrollment_id, seq } => {
+                self.queue
+                    .remove((enrollment_id.as_str(), *seq))
+                    .map_err(backend_error)?;
+            }
+            EncodedMutation::ClearQueue { enrollment_id } => {
+                let id = enrollment_id.as_str();
+                self.queue
+                    .retain_in((id, 0u64)..=(id, u64::MAX), |_, _| false)
+                    .map_err(backend_error)?;
+            }
+            EncodedMutation::PutResult {
+                enrollment_id,
+                command_uuid,
+                seq,
+                value,
+            } => self.put_result(enrollment_id, command_uuid, *seq, value)?,
+            EncodedMutation::PutPushCert { topic, value } => {
+                self.push_certs
+                    .insert(topic.as_str(), value.as_slice())
+                    .map_err(backend_error)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Upsert by (enrollment, command UUID), moving the row if its seq changed.
+    fn put_result(
+        &mut self,
+        enrollment_id: &str,
+        command_uuid: &str,
+        seq: u64,
+        value: &[u8],
+    ) -> StoreResult<()> {
+        let previous_seq = self
+            .result_seqs
+            .insert((enrollment_id, command_uuid), seq)
+            .map_err(backend_error)?
+            .map(|previous| previous.value());
+        if let Some(previous_seq) = previous_seq.filter(|&previous| previous != seq) {
+            self.results
+                .remove((enrollment_id, previous_seq, command_uuid))
+                .map_err(backend_error)?;
+        }
+        self.results
+            .insert((enrollment_id, seq, command_uuid), value)
+            .map_err(backend_error)?;
+        Ok(())
+    }
+}
+
+/// Create every table once, so that read snapshots never meet a missing table.
+fn create_tables(db: &Database) -> StoreResult<()> {
+    let transaction = db.begin_write().map_err(backend_error)?;
+    WriteTables::open(&transaction)?;
+    transaction.commit().map_err(backend_error)
+}
+
+/// The smallest string greater than every `(id, ..)` tuple key prefix: `id` followed by
+/// NUL. Keys whose first element equals `id` sort before it; any other larger id sorts
+/// at or after it.
+fn enrollment_successor(id: &str) -> String {
+    format!("{id}\0")
+}
+
+fn encode<T: Serialize>(value: &T) -> StoreResult<Vec<u8>> {
+    postcard::to_stdvec(value)
+        .map_err(|err| StoreError::Backend(format!("cannot encode record: {err}")))
+}
+
+fn decode<T: DeserializeOwned>(kind: &str, key: &str, bytes: &[u8]) -> StoreResult<T> {
+    postcard::from_bytes(bytes).map_err(|err| StoreError::Corrupt(format!("{kind} {key}: {err}")))
+}
+
+fn backend_error(err: impl Into<redb::Error>) -> StoreError {
+    StoreError::Backend(err.into().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_temporary() -> (tempfile::TempDir, Arc<EmbeddedStore>) {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let store = EmbeddedStore::open(&dir.path().join("nested/data")).expect("open store");
+        (dir, store)
+    }
+
+    /// Write raw bytes under `key`, bypassing encoding, as a damaged file would hold.
+    fn write_raw(store: &EmbeddedStore, table: TableDefinition<&str, &[u8]>, key: &str) {
+        let transaction = store.db.begin_write().unwrap();
+        transaction
+            .open_table(table)
+            .unwrap()
+            .insert(key, [0xff, 0xff, 0xff].as_slice())
+            .unwrap();
+        transaction.commit().unwrap();
+    }
+
+    #[tokio::test]
+    async fn open_creates_the_directory_and_database_file() {
+        let (dir, _store) = open_temporary();
+        assert!(dir.path().join("nested/data").join(DATABASE_FILE).is_file());
+    }
+
+    #[tokio::test]
+    async fn a_value_that_does_not_decode_is_reported_corrupt() {
+        let (_dir, store) = open_temporary();
+        write_raw(&store, ENROLLMENTS, "device-1");
+        write_raw(&store, COMMANDS, "cmd-1");
+
+        assert!(matches!(
+            store.enrollment("device-1").await,
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            store.command("cmd-1").await,
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_empty_batch_costs_no_commit() {
+        let (_dir, store) = open_temporary();
+        store.apply(Vec::new()).await.unwrap();
+        assert_eq!(store.commit_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn every_apply_is_committed_before_it_returns() {
+        let (_dir, store) = open_temporary();
+        let record = EnrollmentRecord {
+            id: "device-1".to_owned(),
+            ..EnrollmentRecord::default()
+        };
+        store
+            .apply(vec![Mutation::PutEnrollment(record)])
+            .await
+            .unwrap();
+        assert_eq!(store.commit_count(), 1);
+    }
+
+    #[test]
+    fn the_enrollment_successor_bounds_exactly_that_enrollment() {
+        let successor = enrollment_successor("device-1");
+        assert!("device-1" < successor.as_str());
+        assert!(successor.as_str() < "device-1 ");
+        assert!(successor.as_str() < "device-10");
+    }
+}

@@ -1,0 +1,214 @@
+//! Durable state behind one trait, so that the embedded single-node store and the
+//! ScyllaDB cluster store are interchangeable.
+//!
+//! Shape rules (so that a wide-column backend fits without cross-node locks):
+//! * every per-device row is keyed, and partitioned, by its enrollment id;
+//! * a [`Store::apply`] batch touches one device (its enrollment row, its queue, its
+//!   results) plus rows that are written once and never updated in place (command bodies
+//!   keyed by command UUID, certificate bindings keyed by certificate hash, push
+//!   certificates keyed by topic); no transaction spans two devices;
+//! * there is no read-modify-write inside the store: the device actor owns the state and
+//!   writes whole rows.
+//!
+//! `apply` returns only once the batch is durable (fsynced or quorum-acknowledged): the
+//! HTTP layer answers 2xx only after that, so a `kill -9` loses nothing acknowledged.
+
+pub mod embedded;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+/// SHA-256 of a certificate's DER encoding.
+pub type CertFingerprint = [u8; 32];
+
+pub use crate::protocol::ids::EnrollmentKind;
+
+/// Push coordinates learned from the latest TokenUpdate of a channel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushInfo {
+    pub topic: String,
+    /// Raw APNs device token (hex-encoded only when pushing).
+    pub token: Vec<u8>,
+    pub push_magic: String,
+}
+
+/// Everything Orchard keeps about one enrollment (one device or user channel).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentRecord {
+    pub id: String,
+    /// The device-channel enrollment id; equal to `id` for device channels.
+    pub device_id: String,
+    pub kind: EnrollmentKind,
+    pub topic: String,
+    /// Identity certificate bound at Authenticate (device channel only; user channels
+    /// are authorised through their device's binding).
+    pub cert_fingerprint: Option<CertFingerprint>,
+    /// Incremented on every Authenticate: a re-enrollment starts a new generation.
+    pub generation: u64,
+    /// True between the first TokenUpdate and a CheckOut / re-Authenticate.
+    pub enabled: bool,
+    pub push: Option<PushInfo>,
+    /// Cleared when APNs reports the token dead; set again by the next TokenUpdate.
+    pub push_token_valid: bool,
+    pub unlock_token: Option<Vec<u8>>,
+    pub bootstrap_token: Option<Vec<u8>>,
+    pub awaiting_configuration: bool,
+    pub token_update_count: u64,
+    /// Device facts from Authenticate (SerialNumber, Model, OSVersion, ...).
+    pub device_info: Vec<(String, String)>,
+    /// User channels seen for this device (device channel only), so that a
+    /// re-enrollment can clear their queues too.
+    pub user_channels: Vec<String>,
+    /// Unix seconds.
+    pub enrolled_at: i64,
+    /// Unix seconds of the last check-in or connect that changed durable state. The
+    /// live value is kept in memory by the device actor and flushed opportunistically.
+    pub last_seen: i64,
+}
+
+/// A command body as enqueued, stored once per command UUID.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredCommand {
+    pub command_uuid: String,
+    pub request_type: String,
+    /// The exact plist sent to devices.
+    pub body: Vec<u8>,
+}
+
+/// One pending entry of an enrollment's queue.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueEntry {
+    /// Per-enrollment strictly increasing sequence number: FIFO order within a priority.
+    pub seq: u64,
+    pub command_uuid: String,
+    pub request_type: String,
+    /// Higher runs first.
+    pub priority: u8,
+    /// Unix seconds.
+    pub enqueued_at: i64,
+    /// How many times the device answered NotNow.
+    pub not_now_count: u32,
+    /// Unix seconds of the last NotNow, if any.
+    pub last_not_now_at: Option<i64>,
+    /// Results for this command that could not be parsed.
+    pub unparseable_results: u32,
+    /// Parked commands are no longer sent (after repeated unparseable results).
+    pub parked: bool,
+}
+
+/// Final (or NotNow) status a device reported for a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResultStatus {
+    Acknowledged,
+    Error,
+    CommandFormatError,
+    NotNow,
+}
+
+impl ResultStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResultStatus::Acknowledged => "Acknowledged",
+            ResultStatus::Error => "Error",
+            ResultStatus::CommandFormatError => "CommandFormatError",
+            ResultStatus::NotNow => "NotNow",
+        }
+    }
+}
+
+/// The device's answer to a command, stored raw.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandResult {
+    pub command_uuid: String,
+    pub request_type: String,
+    pub status: ResultStatus,
+    /// The exact plist the device sent.
+    pub raw: Vec<u8>,
+    /// Sequence number of the queue entry it answered (orders the history).
+    pub seq: u64,
+    /// Unix seconds.
+    pub received_at: i64,
+}
+
+/// An uploaded APNs push certificate, keyed by its topic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushCertRecord {
+    pub topic: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// Unix seconds.
+    pub uploaded_at: i64,
+}
+
+/// One write in an atomic, durable batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mutation {
+    PutEnrollment(EnrollmentRecord),
+    /// Certificate hash -> enrollment id index. The caller refuses a hash already bound
+    /// to another enrollment (protocol.md §2.5) before writing; the store overwrites.
+    BindCertificate {
+        fingerprint: CertFingerprint,
+        enrollment_id: String,
+    },
+    /// Write-once command body: the first body stored under a UUID is kept, so that
+    /// enqueueing one command to many devices rewrites nothing.
+    PutCommand(StoredCommand),
+    /// Insert or replace the entry with the same `(enrollment_id, entry.seq)`.
+    PutQueueEntry {
+        enrollment_id: String,
+        entry: QueueEntry,
+    },
+    RemoveQueueEntry {
+        enrollment_id: String,
+        seq: u64,
+    },
+    /// Remove every queue entry of the enrollment (re-enrollment).
+    ClearQueue {
+        enrollment_id: String,
+    },
+    /// Upsert by `(enrollment_id, result.command_uuid)`.
+    PutResult {
+        enrollment_id: String,
+        result: CommandResult,
+    },
+    PutPushCert(PushCertRecord),
+}
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage backend failure: {0}")]
+    Backend(String),
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("store is shutting down")]
+    Closed,
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The storage contract every backend satisfies; `tests/store_conformance.rs` runs the
+/// same suite against each of them.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Apply all mutations atomically; return once they are durable.
+    async fn apply(&self, batch: Vec<Mutation>) -> StoreResult<()>;
+
+    async fn enrollment(&self, id: &str) -> StoreResult<Option<EnrollmentRecord>>;
+    /// Enrollment ids in lexicographic order, strictly after `after`, at most `limit`.
+    async fn enrollment_ids(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<String>>;
+    async fn cert_binding(&self, fingerprint: &CertFingerprint) -> StoreResult<Option<String>>;
+    async fn command(&self, command_uuid: &str) -> StoreResult<Option<StoredCommand>>;
+    /// The enrollment's pending queue in `seq` order.
+    async fn queue(&self, enrollment_id: &str) -> StoreResult<Vec<QueueEntry>>;
+    /// Stored results of the enrollment in `seq` order, at most the newest `limit`.
+    async fn results(&self, enrollment_id: &str, limit: usize) -> StoreResult<Vec<CommandResult>>;
+    async fn result(
+        &self,
+        enrollment_id: &str,
+        command_uuid: &str,
+    ) -> StoreResult<Option<CommandResult>>;
+    async fn push_cert(&self, topic: &str) -> StoreResult<Option<PushCertRecord>>;
+    async fn push_certs(&self) -> StoreResult<Vec<PushCertRecord>>;
+}

@@ -1,0 +1,618 @@
+//! The storage contract, run against every backend.
+//!
+//! Each case is an `async fn` generic over [`Backend`]; [`conformance_suite!`] turns the
+//! whole list into one `#[tokio::test]` per case for one backend. Adding a backend means
+//! implementing [`Backend`] for it and adding one `conformance_suite!` line at the bottom.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use orchard::store::embedded::EmbeddedStore;
+use orchard::store::{
+    CommandResult, EnrollmentKind, EnrollmentRecord, Mutation, PushCertRecord, PushInfo,
+    QueueEntry, ResultStatus, Store, StoredCommand,
+};
+
+/// A fresh, empty storage location that can be opened (and reopened) as a store.
+trait Backend: Sized {
+    type Store: Store;
+
+    async fn fresh() -> Self;
+
+    /// Open the store; every open of one backend sees the same durable data.
+    async fn open(&self) -> Arc<Self::Store>;
+}
+
+/// An [`EmbeddedStore`] in its own temporary directory.
+struct EmbeddedBackend {
+    dir: tempfile::TempDir,
+}
+
+impl EmbeddedBackend {
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+}
+
+impl Backend for EmbeddedBackend {
+    type Store = EmbeddedStore;
+
+    async fn fresh() -> Self {
+        EmbeddedBackend {
+            dir: tempfile::tempdir().expect("temporary directory"),
+        }
+    }
+
+    async fn open(&self) -> Arc<EmbeddedStore> {
+        EmbeddedStore::open(&self.data_dir()).expect("open embedded store")
+    }
+}
+
+/// One `#[tokio::test]` per named case, for the backend type given.
+macro_rules! conformance_cases {
+    ($backend:ty; $($case:ident),+ $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $case() {
+                let backend = <$backend as Backend>::fresh().await;
+                cases::$case(backend).await;
+            }
+        )+
+    };
+}
+
+/// The whole conformance suite as module `$module`, run against `$backend`.
+macro_rules! conformance_suite {
+    ($module:ident, $backend:ty) => {
+        mod $module {
+            use super::*;
+
+            conformance_cases!($backend;
+                enrollment_round_trips_and_is_overwritten_whole,
+                enrollment_ids_page_in_lexicographic_order,
+                certificate_binding_resolves_to_its_enrollment,
+                command_body_is_written_once,
+                queue_lists_entries_in_seq_order,
+                queue_entry_with_the_same_seq_is_replaced,
+                removing_a_queue_entry_keeps_the_others,
+                clearing_a_queue_affects_only_that_enrollment,
+                result_is_upserted_by_command_uuid,
+                results_are_the_newest_in_seq_order,
+                results_belong_to_their_enrollment_only,
+                push_certificates_are_kept_per_topic,
+                a_batch_becomes_visible_as_a_whole,
+                an_empty_batch_is_accepted,
+                acknowledged_writes_survive_reopening,
+                concurrent_applies_all_succeed_and_are_visible,
+                unknown_keys_read_as_absent,
+            );
+        }
+    };
+}
+
+mod cases {
+    use super::*;
+
+    pub async fn enrollment_round_trips_and_is_overwritten_whole<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        let mut record = full_enrollment("device-1");
+        apply(&store, vec![Mutation::PutEnrollment(record.clone())]).await;
+        assert_eq!(
+            store.enrollment("device-1").await.unwrap(),
+            Some(record.clone())
+        );
+
+        record.enabled = false;
+        record.push = None;
+        record.user_channels.clear();
+        record.generation += 1;
+        apply(&store, vec![Mutation::PutEnrollment(record.clone())]).await;
+        assert_eq!(store.enrollment("device-1").await.unwrap(), Some(record));
+    }
+
+    pub async fn enrollment_ids_page_in_lexicographic_order<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        for id in ["c", "a", "d", "aa", "b"] {
+            apply(&store, vec![Mutation::PutEnrollment(enrollment(id))]).await;
+        }
+
+        assert_eq!(store.enrollment_ids(None, 2).await.unwrap(), ["a", "aa"]);
+        assert_eq!(
+            store.enrollment_ids(Some("aa"), 2).await.unwrap(),
+            ["b", "c"]
+        );
+        assert_eq!(store.enrollment_ids(Some("c"), 10).await.unwrap(), ["d"]);
+        assert_eq!(store.enrollment_ids(Some("ab"), 1).await.unwrap(), ["b"]);
+        assert!(store
+            .enrollment_ids(Some("d"), 10)
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(store.enrollment_ids(None, 0).await.unwrap().is_empty());
+        assert_eq!(
+            store.enrollment_ids(None, 100).await.unwrap(),
+            ["a", "aa", "b", "c", "d"]
+        );
+    }
+
+    pub async fn certificate_binding_resolves_to_its_enrollment<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        apply(
+            &store,
+            vec![bind([1; 32], "device-1"), bind([2; 32], "device-2")],
+        )
+        .await;
+        assert_eq!(
+            store.cert_binding(&[1; 32]).await.unwrap().as_deref(),
+            Some("device-1")
+        );
+        assert_eq!(
+            store.cert_binding(&[2; 32]).await.unwrap().as_deref(),
+            Some("device-2")
+        );
+
+        // The caller decides whether rebinding is allowed; the store just records it.
+        apply(&store, vec![bind([1; 32], "device-3")]).await;
+        assert_eq!(
+            store.cert_binding(&[1; 32]).await.unwrap().as_deref(),
+            Some("device-3")
+        );
+    }
+
+    pub async fn command_body_is_written_once<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        let first = command("cmd-1", b"first body");
+        apply(&store, vec![Mutation::PutCommand(first.clone())]).await;
+        apply(
+            &store,
+            vec![Mutation::PutCommand(command("cmd-1", b"second body"))],
+        )
+        .await;
+
+        assert_eq!(store.command("cmd-1").await.unwrap(), Some(first));
+    }
+
+    pub async fn queue_lists_entries_in_seq_order<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        for seq in [3, 1, 20, 2] {
+            apply(&store, vec![put_entry("device-1", queue_entry(seq))]).await;
+        }
+
+        assert_eq!(seqs(&store.queue("device-1").await.unwrap()), [1, 2, 3, 20]);
+    }
+
+    pub async fn queue_entry_with_the_same_seq_is_replaced<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        apply(&store, vec![put_entry("device-1", queue_entry(7))]).await;
+        let mut postponed = queue_entry(7);
+        postponed.not_now_count = 1;
+        postponed.last_not_now_at = Some(1_700_000_100);
+        apply(&store, vec![put_entry("device-1", postponed.clone())]).await;
+
+        assert_eq!(store.queue("device-1").await.unwrap(), [postponed]);
+    }
+
+    pub async fn removing_a_queue_entry_keeps_the_others<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        apply(
+            &store,
+            (1..=3)
+                .map(|seq| put_entry("device-1", queue_entry(seq)))
+                .collect(),
+        )
+        .await;
+        apply(&store, vec![remove_entry("device-1", 2)]).await;
+
+        assert_eq!(seqs(&store.queue("device-1").await.unwrap()), [1, 3]);
+    }
+
+    pub async fn clearing_a_queue_affects_only_that_enrollment<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        // "device-1" is a prefix of "device-10": a prefix must not leak into a range.
+        let ids = ["device-1", "device-10", "device-2"];
+        let fill = ids
+            .iter()
+            .flat_map(|id| (1..=3).map(|seq| put_entry(id, queue_entry(seq))))
+            .collect();
+        apply(&store, fill).await;
+        apply(&store, vec![clear_queue("device-1")]).await;
+
+        assert!(store.queue("device-1").await.unwrap().is_empty());
+        assert_eq!(seqs(&store.queue("device-10").await.unwrap()), [1, 2, 3]);
+        assert_eq!(seqs(&store.queue("device-2").await.unwrap()), [1, 2, 3]);
+
+        // Clearing an already empty queue is harmless, and the queue is usable again.
+        apply(&store, vec![clear_queue("device-1")]).await;
+        apply(&store, vec![put_entry("device-1", queue_entry(4))]).await;
+        assert_eq!(seqs(&store.queue("device-1").await.unwrap()), [4]);
+    }
+
+    pub async fn result_is_upserted_by_command_uuid<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        let not_now = result("cmd-1", 1, ResultStatus::NotNow);
+        apply(&store, vec![put_result("device-1", not_now.clone())]).await;
+        assert_eq!(
+            store.result("device-1", "cmd-1").await.unwrap(),
+            Some(not_now)
+        );
+
+        let acknowledged = result("cmd-1", 1, ResultStatus::Acknowledged);
+        apply(&store, vec![put_result("device-1", acknowledged.clone())]).await;
+        assert_eq!(
+            store.result("device-1", "cmd-1").await.unwrap(),
+            Some(acknowledged.clone())
+        );
+        assert_eq!(store.results("device-1", 10).await.unwrap(), [acknowledged]);
+
+        // A result stored again under a new seq moves in the history; it is not duplicated.
+        apply(
+            &store,
+            vec![put_result(
+                "device-1",
+                result("cmd-2", 2, ResultStatus::Error),
+            )],
+        )
+        .await;
+        let moved = result("cmd-1", 3, ResultStatus::Acknowledged);
+        apply(&store, vec![put_result("device-1", moved.clone())]).await;
+        let history = store.results("device-1", 10).await.unwrap();
+        assert_eq!(uuids(&history), ["cmd-2", "cmd-1"]);
+        assert_eq!(history[1], moved);
+    }
+
+    pub async fn results_are_the_newest_in_seq_order<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        for seq in [5, 1, 3, 2, 4] {
+            let answer = result(&format!("cmd-{seq}"), seq, ResultStatus::Acknowledged);
+            apply(&store, vec![put_result("device-1", answer)]).await;
+        }
+
+        let newest = store.results("device-1", 3).await.unwrap();
+        assert_eq!(uuids(&newest), ["cmd-3", "cmd-4", "cmd-5"]);
+        let all = store.results("device-1", 100).await.unwrap();
+        assert_eq!(uuids(&all), ["cmd-1", "cmd-2", "cmd-3", "cmd-4", "cmd-5"]);
+        assert!(store.results("device-1", 0).await.unwrap().is_empty());
+    }
+
+    pub async fn results_belong_to_their_enrollment_only<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        apply(
+            &store,
+            vec![put_result(
+                "device-1",
+                result("cmd-a", 1, ResultStatus::Acknowledged),
+            )],
+        )
+        .await;
+        apply(
+            &store,
+            vec![put_result(
+                "device-10",
+                result("cmd-b", 2, ResultStatus::Error),
+            )],
+        )
+        .await;
+
+        assert_eq!(
+            uuids(&store.results("device-1", 10).await.unwrap()),
+            ["cmd-a"]
+        );
+        assert_eq!(
+            uuids(&store.results("device-10", 10).await.unwrap()),
+            ["cmd-b"]
+        );
+        assert_eq!(store.result("device-1", "cmd-b").await.unwrap(), None);
+    }
+
+    pub async fn push_certificates_are_kept_per_topic<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        let first = push_cert("com.apple.mgmt.External.one", 100);
+        let second = push_cert("com.apple.mgmt.External.two", 200);
+        apply(
+            &store,
+            vec![
+                Mutation::PutPushCert(first.clone()),
+                Mutation::PutPushCert(second.clone()),
+            ],
+        )
+        .await;
+        assert_eq!(
+            store.push_cert(&first.topic).await.unwrap(),
+            Some(first.clone())
+        );
+
+        let renewed = push_cert(&first.topic, 300);
+        apply(&store, vec![Mutation::PutPushCert(renewed.clone())]).await;
+        let mut all = store.push_certs().await.unwrap();
+        all.sort_by(|a, b| a.topic.cmp(&b.topic));
+        assert_eq!(all, [renewed, second]);
+    }
+
+    pub async fn a_batch_becomes_visible_as_a_whole<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        const ENTRIES: u64 = 50;
+        let mut batch = vec![Mutation::PutEnrollment(enrollment("device-1"))];
+        batch.extend((1..=ENTRIES).map(|seq| put_entry("device-1", queue_entry(seq))));
+
+        let writer = {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.apply(batch).await })
+        };
+        loop {
+            let visible = store.queue("device-1").await.unwrap().len() as u64;
+            assert!(
+                visible == 0 || visible == ENTRIES,
+                "saw {visible} of {ENTRIES} entries"
+            );
+            if visible == ENTRIES || writer.is_finished() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        writer.await.unwrap().unwrap();
+        assert_eq!(store.queue("device-1").await.unwrap().len() as u64, ENTRIES);
+        assert!(store.enrollment("device-1").await.unwrap().is_some());
+    }
+
+    pub async fn an_empty_batch_is_accepted<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        apply(&store, Vec::new()).await;
+        assert!(store.enrollment_ids(None, 10).await.unwrap().is_empty());
+    }
+
+    pub async fn acknowledged_writes_survive_reopening<B: Backend>(backend: B) {
+        let record = full_enrollment("device-1");
+        let body = command("cmd-1", b"<plist/>");
+        let entry = queue_entry(1);
+        let answer = result("cmd-0", 0, ResultStatus::Acknowledged);
+        let cert = push_cert("com.apple.mgmt.External.one", 100);
+        {
+            let store = backend.open().await;
+            apply(
+                &store,
+                vec![
+                    Mutation::PutEnrollment(record.clone()),
+                    bind([9; 32], "device-1"),
+                    Mutation::PutCommand(body.clone()),
+                    put_entry("device-1", entry.clone()),
+                    put_result("device-1", answer.clone()),
+                    Mutation::PutPushCert(cert.clone()),
+                ],
+            )
+            .await;
+        }
+
+        let store = backend.open().await;
+        assert_eq!(store.enrollment("device-1").await.unwrap(), Some(record));
+        assert_eq!(
+            store.cert_binding(&[9; 32]).await.unwrap().as_deref(),
+            Some("device-1")
+        );
+        assert_eq!(store.command("cmd-1").await.unwrap(), Some(body));
+        assert_eq!(store.queue("device-1").await.unwrap(), [entry]);
+        assert_eq!(store.results("device-1", 10).await.unwrap(), [answer]);
+        assert_eq!(store.push_cert(&cert.topic).await.unwrap(), Some(cert));
+    }
+
+    pub async fn concurrent_applies_all_succeed_and_are_visible<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        let outcome = enqueue_concurrently(&store, CONCURRENT_BATCHES, DEVICES).await;
+        assert!(outcome.iter().all(Result::is_ok), "every apply succeeds");
+
+        for device in 0..DEVICES {
+            let queue = store.queue(&format!("device-{device}")).await.unwrap();
+            let expected: Vec<u64> = (0..CONCURRENT_BATCHES as u64)
+                .filter(|seq| seq % DEVICES as u64 == device as u64)
+                .collect();
+            assert_eq!(seqs(&queue), expected);
+        }
+        for seq in [0, CONCURRENT_BATCHES / 2, CONCURRENT_BATCHES - 1] {
+            let uuid = format!("cmd-{seq}");
+            assert!(
+                store.command(&uuid).await.unwrap().is_some(),
+                "{uuid} stored"
+            );
+        }
+    }
+
+    pub async fn unknown_keys_read_as_absent<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        assert_eq!(store.enrollment("nobody").await.unwrap(), None);
+        assert!(store.enrollment_ids(None, 10).await.unwrap().is_empty());
+        assert_eq!(store.cert_binding(&[0; 32]).await.unwrap(), None);
+        assert_eq!(store.command("no-such-command").await.unwrap(), None);
+        assert!(store.queue("nobody").await.unwrap().is_empty());
+        assert!(store.results("nobody", 10).await.unwrap().is_empty());
+        assert_eq!(
+            store.result("nobody", "no-such-command").await.unwrap(),
+            None
+        );
+        assert_eq!(store.push_cert("no.such.topic").await.unwrap(), None);
+        assert!(store.push_certs().await.unwrap().is_empty());
+
+        // Removing what is not there is not an error.
+        apply(&store, vec![remove_entry("nobody", 1)]).await;
+    }
+}
+
+/// Batches applied at once by the concurrency cases.
+const CONCURRENT_BATCHES: usize = 2000;
+/// Devices those batches are spread over.
+const DEVICES: usize = 50;
+
+/// Apply `batches` enqueue batches (command body + queue entry) from as many tasks at
+/// once, spread round-robin over `devices`; returns each task's outcome.
+async fn enqueue_concurrently<S: Store>(
+    store: &Arc<S>,
+    batches: usize,
+    devices: usize,
+) -> Vec<orchard::store::StoreResult<()>> {
+    let tasks: Vec<_> = (0..batches)
+        .map(|seq| {
+            let store = Arc::clone(store);
+            tokio::spawn(async move {
+                let uuid = format!("cmd-{seq}");
+                let mut entry = queue_entry(seq as u64);
+                entry.command_uuid = uuid.clone();
+                let device = format!("device-{}", seq % devices);
+                store
+                    .apply(vec![
+                        Mutation::PutCommand(command(&uuid, b"<plist/>")),
+                        put_entry(&device, entry),
+                    ])
+                    .await
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::with_capacity(batches);
+    for task in tasks {
+        outcomes.push(task.await.expect("apply task"));
+    }
+    outcomes
+}
+
+async fn apply<S: Store>(store: &Arc<S>, batch: Vec<Mutation>) {
+    store.apply(batch).await.expect("apply succeeds");
+}
+
+fn enrollment(id: &str) -> EnrollmentRecord {
+    EnrollmentRecord {
+        id: id.to_owned(),
+        device_id: id.to_owned(),
+        topic: "com.apple.mgmt.External.one".to_owned(),
+        ..EnrollmentRecord::default()
+    }
+}
+
+/// An enrollment with every optional field populated, so a round trip covers them all.
+fn full_enrollment(id: &str) -> EnrollmentRecord {
+    EnrollmentRecord {
+        kind: EnrollmentKind::Device,
+        cert_fingerprint: Some([7; 32]),
+        generation: 2,
+        enabled: true,
+        push: Some(PushInfo {
+            topic: "com.apple.mgmt.External.one".to_owned(),
+            token: vec![0xde, 0xad, 0xbe, 0xef],
+            push_magic: "magic".to_owned(),
+        }),
+        push_token_valid: true,
+        unlock_token: Some(vec![1, 2, 3]),
+        bootstrap_token: Some(vec![4, 5]),
+        awaiting_configuration: true,
+        token_update_count: 3,
+        device_info: vec![("SerialNumber".to_owned(), "C02XYZ".to_owned())],
+        user_channels: vec![format!("{id}:user-1")],
+        enrolled_at: 1_700_000_000,
+        last_seen: 1_700_000_500,
+        ..enrollment(id)
+    }
+}
+
+fn command(uuid: &str, body: &[u8]) -> StoredCommand {
+    StoredCommand {
+        command_uuid: uuid.to_owned(),
+        request_type: "DeviceInformation".to_owned(),
+        body: body.to_vec(),
+    }
+}
+
+fn queue_entry(seq: u64) -> QueueEntry {
+    QueueEntry {
+        seq,
+        command_uuid: format!("cmd-{seq}"),
+        request_type: "DeviceInformation".to_owned(),
+        priority: 0,
+        enqueued_at: 1_700_000_000,
+        not_now_count: 0,
+        last_not_now_at: None,
+        unparseable_results: 0,
+        parked: false,
+    }
+}
+
+fn result(uuid: &str, seq: u64, status: ResultStatus) -> CommandResult {
+    CommandResult {
+        command_uuid: uuid.to_owned(),
+        request_type: "DeviceInformation".to_owned(),
+        status,
+        raw: format!("<plist><string>{uuid}</string></plist>").into_bytes(),
+        seq,
+        received_at: 1_700_000_000 + seq as i64,
+    }
+}
+
+fn push_cert(topic: &str, not_after: i64) -> PushCertRecord {
+    PushCertRecord {
+        topic: topic.to_owned(),
+        cert_pem: "-----BEGIN CERTIFICATE-----".to_owned(),
+        key_pem: "-----BEGIN PRIVATE KEY-----".to_owned(),
+        not_after,
+        uploaded_at: 1_700_000_000,
+    }
+}
+
+fn bind(fingerprint: [u8; 32], enrollment_id: &str) -> Mutation {
+    Mutation::BindCertificate {
+        fingerprint,
+        enrollment_id: enrollment_id.to_owned(),
+    }
+}
+
+fn put_entry(enrollment_id: &str, entry: QueueEntry) -> Mutation {
+    Mutation::PutQueueEntry {
+        enrollment_id: enrollment_id.to_owned(),
+        entry,
+    }
+}
+
+fn remove_entry(enrollment_id: &str, seq: u64) -> Mutation {
+    Mutation::RemoveQueueEntry {
+        enrollment_id: enrollment_id.to_owned(),
+        seq,
+    }
+}
+
+fn clear_queue(enrollment_id: &str) -> Mutation {
+    Mutation::ClearQueue {
+        enrollment_id: enrollment_id.to_owned(),
+    }
+}
+
+fn put_result(enrollment_id: &str, result: CommandResult) -> Mutation {
+    Mutation::PutResult {
+        enrollment_id: enrollment_id.to_owned(),
+        result,
+    }
+}
+
+fn seqs(queue: &[QueueEntry]) -> Vec<u64> {
+    queue.iter().map(|entry| entry.seq).collect()
+}
+
+fn uuids(results: &[CommandResult]) -> Vec<&str> {
+    results
+        .iter()
+        .map(|result| result.command_uuid.as_str())
+        .collect()
+}
+
+/// Group commit: concurrent batches share fsyncs instead of paying one each.
+#[tokio::test]
+async fn embedded_store_commits_concurrent_batches_in_groups() {
+    let backend = EmbeddedBackend::fresh().await;
+    let store = backend.open().await;
+    let commits_before = store.commit_count();
+
+    let outcome = enqueue_concurrently(&store, CONCURRENT_BATCHES, DEVICES).await;
+
+    assert!(outcome.iter().all(Result::is_ok));
+    let commits = store.commit_count() - commits_before;
+    assert!(commits >= 1);
+    assert!(
+        commits < CONCURRENT_BATCHES as u64,
+        "{CONCURRENT_BATCHES} batches took {commits} commits"
+    );
+}
+
+conformance_suite!(embedded, EmbeddedBackend);
