@@ -3,8 +3,10 @@
 //! Apple devices build `Mdm-Signature` with a streaming CMS encoder that emits BER
 //! indefinite lengths (`0x80` … `00 00`). The `der` crate — rightly — refuses those, so
 //! signatures are re-encoded with definite, minimal lengths before they are decoded.
-//! Contents are copied byte for byte: signed attributes and certificates are DER already
-//! (RFC 5652 requires it), so the bytes the signature covers are unchanged.
+//! Segmented (constructed) OCTET STRINGs, which streaming encoders also emit, are joined
+//! into one primitive string. Everything else is copied byte for byte: signed attributes
+//! and certificates are DER already (RFC 5652 requires it), so the bytes the signature
+//! covers are unchanged.
 
 use super::IdentityError;
 
@@ -14,10 +16,14 @@ const MAX_DEPTH: usize = 64;
 const INDEFINITE_LENGTH: u8 = 0x80;
 const CONSTRUCTED: u8 = 0x20;
 const HIGH_TAG_NUMBER: u8 = 0x1f;
+const OCTET_STRING: u8 = 0x04;
 
 /// Re-encodes one BER element (and everything inside it) as DER lengths.
 pub(crate) fn normalize(input: &[u8]) -> Result<Vec<u8>, IdentityError> {
-    let mut reader = Reader { data: input, pos: 0 };
+    let mut reader = Reader {
+        data: input,
+        pos: 0,
+    };
     let mut out = Vec::with_capacity(input.len());
     reader.copy_element(&mut out, 0)?;
     if reader.pos != input.len() {
@@ -126,11 +132,41 @@ impl Reader<'_> {
                 contents
             }
         };
-        out.extend_from_slice(&tag);
-        write_length(out, contents.len());
-        out.extend_from_slice(&contents);
+        if tag == [OCTET_STRING | CONSTRUCTED] {
+            write_element(out, &[OCTET_STRING], &join_segments(&contents)?);
+        } else {
+            write_element(out, &tag, &contents);
+        }
         Ok(())
     }
+}
+
+/// Concatenates the values of already-normalised primitive OCTET STRING segments.
+fn join_segments(segments: &[u8]) -> Result<Vec<u8>, IdentityError> {
+    let mut reader = Reader {
+        data: segments,
+        pos: 0,
+    };
+    let mut joined = Vec::with_capacity(segments.len());
+    while reader.pos < segments.len() {
+        let (tag, _) = reader.tag()?;
+        if tag != [OCTET_STRING] {
+            return Err(malformed(
+                "constructed OCTET STRING holds a non-OCTET STRING",
+            ));
+        }
+        let Length::Definite(len) = reader.length()? else {
+            return Err(malformed("indefinite length on a primitive element"));
+        };
+        joined.extend_from_slice(reader.take(len)?);
+    }
+    Ok(joined)
+}
+
+fn write_element(out: &mut Vec<u8>, tag: &[u8], contents: &[u8]) {
+    out.extend_from_slice(tag);
+    write_length(out, contents.len());
+    out.extend_from_slice(contents);
 }
 
 fn write_length(out: &mut Vec<u8>, len: usize) {
@@ -148,6 +184,7 @@ fn write_length(out: &mut Vec<u8>, len: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::test_support::with_indefinite_lengths;
 
     #[test]
     fn der_input_is_returned_unchanged() {
@@ -176,20 +213,51 @@ mod tests {
     }
 
     #[test]
+    fn segmented_octet_strings_are_joined() {
+        // OCTET STRING(constructed, indef) { "ab", OCTET STRING(constructed) { "c" } }
+        let ber = [
+            0x24, 0x80, 0x04, 0x02, b'a', b'b', 0x24, 0x03, 0x04, 0x01, b'c', 0x00, 0x00,
+        ];
+        assert_eq!(normalize(&ber).unwrap(), [0x04, 0x03, b'a', b'b', b'c']);
+    }
+
+    #[test]
+    fn fully_indefinite_encodings_normalise_back_to_the_original_der() {
+        let der = [
+            0x30, 0x0c, 0x31, 0x04, 0x02, 0x02, 0x01, 0x00, 0xa0, 0x04, 0x30, 0x02, 0x05, 0x00,
+        ];
+        let ber = with_indefinite_lengths(&der);
+        assert_ne!(ber, der);
+        assert_eq!(normalize(&ber).unwrap(), der);
+    }
+
+    #[test]
     fn truncated_input_is_an_error_not_a_panic() {
-        for ber in [&[0x30, 0x80, 0x02][..], &[0x30, 0x05, 0x02, 0x01], &[0x04, 0x84]] {
+        for ber in [
+            &[0x30, 0x80, 0x02][..],
+            &[0x30, 0x05, 0x02, 0x01],
+            &[0x04, 0x84],
+        ] {
             assert_eq!(normalize(ber).unwrap_err().reason(), "bad_der");
         }
     }
 
     #[test]
     fn hostile_nesting_is_bounded() {
-        let ber: Vec<u8> = std::iter::repeat_n([0x30, 0x80], 10_000).flatten().collect();
-        assert_eq!(normalize(&ber).unwrap_err().to_string(), "invalid DER: BER: nesting too deep");
+        let ber: Vec<u8> = std::iter::repeat_n([0x30, 0x80], 10_000)
+            .flatten()
+            .collect();
+        assert_eq!(
+            normalize(&ber).unwrap_err().to_string(),
+            "invalid DER: BER: nesting too deep"
+        );
     }
 
     #[test]
     fn trailing_bytes_are_rejected() {
-        assert_eq!(normalize(&[0x05, 0x00, 0x00]).unwrap_err().reason(), "bad_der");
+        assert_eq!(
+            normalize(&[0x05, 0x00, 0x00]).unwrap_err().reason(),
+            "bad_der"
+        );
     }
 }

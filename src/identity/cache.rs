@@ -89,7 +89,10 @@ mod tests {
             cache.insert([byte; 32], verdict(byte, u64::MAX));
             assert!(cache.len() <= 3);
         }
-        assert!(cache.get(&[49; 32], 0).is_some(), "the newest entry is kept");
+        assert!(
+            cache.get(&[49; 32], 0).is_some(),
+            "the newest entry is kept"
+        );
     }
 
     #[test]

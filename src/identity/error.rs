@@ -83,7 +83,10 @@ mod tests {
             IdentityError::io("/x", std::io::Error::other("boom")),
         ];
         let reasons: Vec<_> = errors.iter().map(IdentityError::reason).collect();
-        assert_eq!(reasons, ["missing_certificate", "bad_base64", "expired", "io"]);
+        assert_eq!(
+            reasons,
+            ["missing_certificate", "bad_base64", "expired", "io"]
+        );
     }
 
     #[test]

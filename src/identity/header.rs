@@ -22,7 +22,9 @@ const RFC9440_DELIMITER: char = ':';
 pub fn parse_client_cert_header(value: &str) -> Result<CertificateDer<'static>, IdentityError> {
     let value = value.trim();
     if value.is_empty() {
-        return Err(IdentityError::MissingCertificate("empty certificate header"));
+        return Err(IdentityError::MissingCertificate(
+            "empty certificate header",
+        ));
     }
     let der = if value.starts_with(RFC9440_DELIMITER) {
         decode_rfc9440(value)?
@@ -60,40 +62,34 @@ fn decode_escaped_pem(value: &str) -> Result<Vec<u8>, IdentityError> {
 mod tests {
     use super::*;
     use crate::identity::fingerprint;
-
-    /// The `X-Ssl-Client-Cert` header value recorded in a NanoHUB transcript.
-    fn recorded_header(transcript: &str) -> String {
-        let path = format!(
-            "{}/tests/fixtures/nanohub-transcripts/{transcript}",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        let text = std::fs::read_to_string(path).unwrap();
-        text.lines()
-            .find_map(|line| line.strip_prefix("X-Ssl-Client-Cert: "))
-            .unwrap()
-            .to_owned()
-    }
+    use crate::identity::test_support::recorded_client_cert_header;
 
     fn subject(der: &[u8]) -> String {
-        parse_certificate(der).unwrap().tbs_certificate.subject.to_string()
+        parse_certificate(der)
+            .unwrap()
+            .tbs_certificate
+            .subject
+            .to_string()
     }
 
     #[test]
     fn reads_nginx_escaped_pem_from_a_recorded_authenticate() {
-        let cert = parse_client_cert_header(&recorded_header("02-authenticate.txt")).unwrap();
+        let cert =
+            parse_client_cert_header(&recorded_client_cert_header("02-authenticate.txt")).unwrap();
         assert_eq!(subject(&cert), "CN=device1");
     }
 
     #[test]
     fn reads_the_recorded_rogue_certificate_too() {
-        let header = recorded_header("41-neg-connect-untrusted-cert.txt");
+        let header = recorded_client_cert_header("41-neg-connect-untrusted-cert.txt");
         let cert = parse_client_cert_header(&header).unwrap();
         assert_eq!(subject(&cert), "CN=rogue-selfsigned");
     }
 
     #[test]
     fn rfc9440_and_escaped_pem_of_the_same_certificate_agree() {
-        let from_pem = parse_client_cert_header(&recorded_header("02-authenticate.txt")).unwrap();
+        let from_pem =
+            parse_client_cert_header(&recorded_client_cert_header("02-authenticate.txt")).unwrap();
         let rfc9440 = format!(":{}:", STANDARD.encode(&from_pem));
         let from_rfc9440 = parse_client_cert_header(&rfc9440).unwrap();
         assert_eq!(fingerprint(&from_rfc9440), fingerprint(&from_pem));
@@ -101,7 +97,8 @@ mod tests {
 
     #[test]
     fn surrounding_whitespace_is_ignored() {
-        let der = parse_client_cert_header(&recorded_header("02-authenticate.txt")).unwrap();
+        let der =
+            parse_client_cert_header(&recorded_client_cert_header("02-authenticate.txt")).unwrap();
         let padded = format!("  :{}:\t", STANDARD.encode(&der));
         assert_eq!(parse_client_cert_header(&padded).unwrap(), der);
     }
@@ -122,7 +119,8 @@ mod tests {
 
     #[test]
     fn rfc9440_with_garbage_der_is_bad_der() {
-        let err = parse_client_cert_header(&format!(":{}:", STANDARD.encode(b"hello"))).unwrap_err();
+        let err =
+            parse_client_cert_header(&format!(":{}:", STANDARD.encode(b"hello"))).unwrap_err();
         assert_eq!(err.reason(), "bad_der");
     }
 
@@ -136,7 +134,7 @@ mod tests {
 
     #[test]
     fn escaped_pem_with_truncated_base64_is_bad_base64() {
-        let header = recorded_header("02-authenticate.txt").replacen("MIID", "MII", 1);
+        let header = recorded_client_cert_header("02-authenticate.txt").replacen("MIID", "MII", 1);
         let err = parse_client_cert_header(&header).unwrap_err();
         assert_eq!(err.reason(), "bad_base64");
     }
@@ -144,6 +142,9 @@ mod tests {
     #[test]
     fn escaped_pem_of_a_non_certificate_is_bad_der() {
         let header = "-----BEGIN%20CERTIFICATE-----%0AMAA%3D%0A-----END%20CERTIFICATE-----%0A";
-        assert_eq!(parse_client_cert_header(header).unwrap_err().reason(), "bad_der");
+        assert_eq!(
+            parse_client_cert_header(header).unwrap_err().reason(),
+            "bad_der"
+        );
     }
 }

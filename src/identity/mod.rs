@@ -6,8 +6,8 @@
 //! directly and tests can exercise it without a server.
 
 mod ber;
-mod cache;
 pub mod ca;
+mod cache;
 mod error;
 pub mod header;
 mod pem;

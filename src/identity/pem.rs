@@ -89,7 +89,13 @@ mod tests {
         let pem = encode("CERTIFICATE", &der);
         assert!(pem.lines().all(|line| line.len() <= 64));
         let blocks = decode_blocks(&pem).unwrap();
-        assert_eq!(blocks, [PemBlock { label: "CERTIFICATE".into(), der }]);
+        assert_eq!(
+            blocks,
+            [PemBlock {
+                label: "CERTIFICATE".into(),
+                der
+            }]
+        );
     }
 
     #[test]
@@ -97,8 +103,20 @@ mod tests {
         let text = "subject=whatever\r\n-----BEGIN A-----\r\nAQI=\r\n-----END A-----\r\n\
                     junk\n-----BEGIN B KEY-----\nAw==\n-----END B KEY-----";
         let blocks = decode_blocks(text).unwrap();
-        assert_eq!(blocks[0], PemBlock { label: "A".into(), der: vec![1, 2] });
-        assert_eq!(blocks[1], PemBlock { label: "B KEY".into(), der: vec![3] });
+        assert_eq!(
+            blocks[0],
+            PemBlock {
+                label: "A".into(),
+                der: vec![1, 2]
+            }
+        );
+        assert_eq!(
+            blocks[1],
+            PemBlock {
+                label: "B KEY".into(),
+                der: vec![3]
+            }
+        );
     }
 
     #[test]
@@ -110,7 +128,10 @@ mod tests {
     #[test]
     fn rejects_a_block_without_its_end_line() {
         let err = decode_blocks("-----BEGIN CERTIFICATE-----\nAQI=\n").unwrap_err();
-        assert_eq!(err.to_string(), "invalid PEM: missing `-----END CERTIFICATE-----`");
+        assert_eq!(
+            err.to_string(),
+            "invalid PEM: missing `-----END CERTIFICATE-----`"
+        );
     }
 
     #[test]

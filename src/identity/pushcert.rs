@@ -1,8 +1,8 @@
 //! The APNs MDM push certificate an operator uploads (`PUT /api/v1/nanomdm/pushcert`).
 
 use const_oid::db::{rfc4519, rfc5912};
-use der::Tagged;
 use der::asn1::{Ia5StringRef, OctetString, PrintableStringRef, Utf8StringRef};
+use der::Tagged;
 use der::{Any, Encode, Header, Tag};
 use ring::rand::SystemRandom;
 use ring::signature::{self as ring_signature, EcdsaKeyPair, KeyPair, RsaKeyPair};
@@ -193,16 +193,21 @@ mod tests {
     const UID_ARCS: [u64; 7] = [0, 9, 2342, 19200300, 100, 1, 1];
 
     /// An Apple-style push certificate subject: UID=<topic>, CN=APSP:<topic uuid>, C=US.
-    fn push_cert_pem(key: &RcgenKeyPair, uid: Option<DnValue>, not_after: OffsetDateTime) -> String {
+    fn push_cert_pem(
+        key: &RcgenKeyPair,
+        uid: Option<DnValue>,
+        not_after: OffsetDateTime,
+    ) -> String {
         let mut params = CertificateParams::default();
         if let Some(uid) = uid {
             params
                 .distinguished_name
                 .push(DnType::CustomDnType(UID_ARCS.to_vec()), uid);
         }
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "APSP:e0bd1eac-1f17-4c8e-8a63-dd17d3dd35d9");
+        params.distinguished_name.push(
+            DnType::CommonName,
+            "APSP:e0bd1eac-1f17-4c8e-8a63-dd17d3dd35d9",
+        );
         params.distinguished_name.push(DnType::CountryName, "US");
         params.not_after = not_after;
         params.self_signed(key).unwrap().pem()
@@ -222,7 +227,15 @@ mod tests {
     fn openssl_rsa_key() -> (String, String) {
         let scratch = Scratch::new();
         let pkcs8 = scratch.path("key.pem");
-        openssl(&["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", &pkcs8]);
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            &pkcs8,
+        ]);
         let pkcs1 = openssl(&["rsa", "-in", &pkcs8, "-traditional"]);
         (std::fs::read_to_string(&pkcs8).unwrap(), pkcs1)
     }
@@ -250,7 +263,10 @@ mod tests {
             key.serialize_pem(),
             push_cert_pem(&key, topic_uid(), in_a_year())
         );
-        assert_eq!(PushCertificate::from_pem(bundle.as_bytes()).unwrap().topic, TOPIC);
+        assert_eq!(
+            PushCertificate::from_pem(bundle.as_bytes()).unwrap().topic,
+            TOPIC
+        );
     }
 
     #[test]
@@ -263,7 +279,9 @@ mod tests {
             assert_eq!(push.topic, TOPIC);
         }
         let push = PushCertificate::from_pem(format!("{cert}{pkcs1}").as_bytes()).unwrap();
-        assert!(push.key_pem.starts_with("-----BEGIN RSA PRIVATE KEY-----\n"));
+        assert!(push
+            .key_pem
+            .starts_with("-----BEGIN RSA PRIVATE KEY-----\n"));
     }
 
     #[test]
@@ -275,22 +293,36 @@ mod tests {
         assert!(sec1.contains("BEGIN EC PRIVATE KEY"));
         let key = RcgenKeyPair::from_pem(&pkcs8).unwrap();
         let bundle = format!("{}{sec1}", push_cert_pem(&key, topic_uid(), in_a_year()));
-        assert_eq!(PushCertificate::from_pem(bundle.as_bytes()).unwrap().topic, TOPIC);
+        assert_eq!(
+            PushCertificate::from_pem(bundle.as_bytes()).unwrap().topic,
+            TOPIC
+        );
     }
 
     #[test]
     fn a_printable_string_uid_is_read_too() {
         let key = RcgenKeyPair::generate().unwrap();
         let uid = DnValue::PrintableString(TOPIC.try_into().unwrap());
-        let bundle = format!("{}{}", push_cert_pem(&key, Some(uid), in_a_year()), key.serialize_pem());
-        assert_eq!(PushCertificate::from_pem(bundle.as_bytes()).unwrap().topic, TOPIC);
+        let bundle = format!(
+            "{}{}",
+            push_cert_pem(&key, Some(uid), in_a_year()),
+            key.serialize_pem()
+        );
+        assert_eq!(
+            PushCertificate::from_pem(bundle.as_bytes()).unwrap().topic,
+            TOPIC
+        );
     }
 
     #[test]
     fn a_key_of_another_certificate_is_refused() {
         let key = RcgenKeyPair::generate().unwrap();
         let other = RcgenKeyPair::generate().unwrap();
-        let bundle = format!("{}{}", push_cert_pem(&key, topic_uid(), in_a_year()), other.serialize_pem());
+        let bundle = format!(
+            "{}{}",
+            push_cert_pem(&key, topic_uid(), in_a_year()),
+            other.serialize_pem()
+        );
         let err = PushCertificate::from_pem(bundle.as_bytes()).unwrap_err();
         assert_eq!(err.reason(), "bad_push_cert");
         assert!(err.to_string().contains("does not match"), "{err}");
@@ -310,10 +342,17 @@ mod tests {
         let key = RcgenKeyPair::generate().unwrap();
         let cases = [
             (None, "no UID"),
-            (Some(DnValue::Utf8String("com.example.app".into())), "not an MDM topic"),
+            (
+                Some(DnValue::Utf8String("com.example.app".into())),
+                "not an MDM topic",
+            ),
         ];
         for (uid, expected) in cases {
-            let bundle = format!("{}{}", push_cert_pem(&key, uid, in_a_year()), key.serialize_pem());
+            let bundle = format!(
+                "{}{}",
+                push_cert_pem(&key, uid, in_a_year()),
+                key.serialize_pem()
+            );
             let err = PushCertificate::from_pem(bundle.as_bytes()).unwrap_err();
             assert_eq!(err.reason(), "bad_push_cert");
             assert!(err.to_string().contains(expected), "{err}");
@@ -324,7 +363,8 @@ mod tests {
     fn incomplete_or_unreadable_bundles_are_refused() {
         let key = RcgenKeyPair::generate().unwrap();
         let cert = push_cert_pem(&key, topic_uid(), in_a_year());
-        let encrypted = "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAQI=\n-----END ENCRYPTED PRIVATE KEY-----\n";
+        let encrypted =
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAQI=\n-----END ENCRYPTED PRIVATE KEY-----\n";
         let cases: [(Vec<u8>, &str); 5] = [
             (cert.clone().into_bytes(), "no private key"),
             (key.serialize_pem().into_bytes(), "no CERTIFICATE"),

@@ -2,6 +2,8 @@
 //! device identity key (protocol.md §2.5). It is how a device proves its identity when a
 //! proxy terminates TLS and does not forward the client certificate.
 
+use std::borrow::Cow;
+
 use base64::alphabet;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
 use base64::engine::DecodePaddingMode;
@@ -57,31 +59,19 @@ pub fn verify_mdm_signature(
         digest,
         &certificate.tbs_certificate.subject_public_key_info,
     )?;
-    let encoded_attributes;
-    let signed_message = match &signer.signed_attrs {
-        Some(attributes) => {
-            check_signed_attributes(
-                attributes,
-                &signed_data.encap_content_info.econtent_type,
-                digest,
-                body,
-            )?;
-            // The signature covers the attributes' DER encoding as a SET OF, not the
-            // [0] IMPLICIT form they are transmitted in (RFC 5652 §5.4).
-            encoded_attributes = attributes
-                .to_der()
-                .map_err(|err| IdentityError::bad_der("signed attributes", err))?;
-            encoded_attributes.as_slice()
-        }
-        None => body,
-    };
+    let signed_message = signed_message(
+        signer,
+        &signed_data.encap_content_info.econtent_type,
+        digest,
+        body,
+    )?;
     let public_key = certificate
         .tbs_certificate
         .subject_public_key_info
         .subject_public_key
         .raw_bytes();
     UnparsedPublicKey::new(algorithm, public_key)
-        .verify(signed_message, signer.signature.as_bytes())
+        .verify(&signed_message, signer.signature.as_bytes())
         .map_err(|_| {
             IdentityError::BadSignature(
                 "signature does not match the request body and the signer certificate".into(),
@@ -91,6 +81,25 @@ pub fn verify_mdm_signature(
         .to_der()
         .map(CertificateDer::from)
         .map_err(|err| IdentityError::bad_der("signer certificate", err))
+}
+
+/// The bytes the signature covers: the body itself, or — with signed attributes, once
+/// their messageDigest is checked against the body — the attributes' DER encoding as a
+/// SET OF, not the [0] IMPLICIT form they are transmitted in (RFC 5652 §5.4).
+fn signed_message<'a>(
+    signer: &SignerInfo,
+    content_type: &ObjectIdentifier,
+    digest: DigestAlgorithm,
+    body: &'a [u8],
+) -> Result<Cow<'a, [u8]>, IdentityError> {
+    let Some(attributes) = &signer.signed_attrs else {
+        return Ok(Cow::Borrowed(body));
+    };
+    check_signed_attributes(attributes, content_type, digest, body)?;
+    attributes
+        .to_der()
+        .map(Cow::Owned)
+        .map_err(|err| IdentityError::bad_der("signed attributes", err))
 }
 
 /// Produces the `Mdm-Signature` value a device would send for `body`: detached SignedData,
@@ -168,7 +177,10 @@ fn signed_attributes(message_digest: &[u8]) -> der::Result<SignedAttributes> {
         })
     };
     SetOfVec::try_from(vec![
-        attribute(rfc5911::ID_CONTENT_TYPE, Any::encode_from(&rfc5911::ID_DATA)?)?,
+        attribute(
+            rfc5911::ID_CONTENT_TYPE,
+            Any::encode_from(&rfc5911::ID_DATA)?,
+        )?,
         attribute(
             rfc5911::ID_MESSAGE_DIGEST,
             Any::encode_from(&OctetString::new(message_digest)?)?,
@@ -182,14 +194,16 @@ fn decode_signed_data(header_value: &str) -> Result<SignedData, IdentityError> {
         .filter(|c| !c.is_ascii_whitespace())
         .collect();
     if compact.is_empty() {
-        return Err(IdentityError::MissingCertificate("empty Mdm-Signature header"));
+        return Err(IdentityError::MissingCertificate(
+            "empty Mdm-Signature header",
+        ));
     }
     let ber = LENIENT_BASE64
         .decode(compact)
         .map_err(|err| IdentityError::BadBase64(format!("Mdm-Signature: {err}")))?;
     let der = ber::normalize(&ber)?;
-    let content_info =
-        ContentInfo::from_der(&der).map_err(|err| IdentityError::bad_der("CMS ContentInfo", err))?;
+    let content_info = ContentInfo::from_der(&der)
+        .map_err(|err| IdentityError::bad_der("CMS ContentInfo", err))?;
     if content_info.content_type != rfc5911::ID_SIGNED_DATA {
         return Err(IdentityError::BadDer(format!(
             "CMS content type {} is not SignedData",
@@ -410,7 +424,7 @@ mod tests {
     use super::*;
     use crate::identity::ca::{CertificateAuthority, IssuedIdentity};
     use crate::identity::pem;
-    use crate::identity::test_support::{openssl, Scratch};
+    use crate::identity::test_support::{openssl, with_indefinite_lengths, Scratch};
 
     const BODY: &[u8] = b"<?xml version=\"1.0\"?><plist><dict><key>Status</key>\
                           <string>Idle</string></dict></plist>";
@@ -427,7 +441,10 @@ mod tests {
             let ca = CertificateAuthority::load_or_create(&scratch.dir().join("ca")).unwrap();
             let identity = ca.issue_identity("device1").unwrap();
             scratch.write("cert.pem", pem::encode("CERTIFICATE", &identity.cert_der));
-            scratch.write("key.pem", pem::encode("PRIVATE KEY", &identity.key_pkcs8_der));
+            scratch.write(
+                "key.pem",
+                pem::encode("PRIVATE KEY", &identity.key_pkcs8_der),
+            );
             scratch.write("body", BODY);
             Fixture {
                 scratch,
@@ -440,8 +457,7 @@ mod tests {
         fn openssl_signature(&self, cert: &str, key: &str, extra: &[&str]) -> String {
             let out = self.scratch.path("sig.der");
             let mut args = vec![
-                "cms", "-sign", "-binary", "-outform", "DER", "-signer", cert, "-inkey", key,
-                "-in",
+                "cms", "-sign", "-binary", "-outform", "DER", "-signer", cert, "-inkey", key, "-in",
             ];
             let body = self.scratch.path("body");
             args.extend([body.as_str(), "-out", out.as_str()]);
@@ -460,7 +476,15 @@ mod tests {
         fn openssl_identity(&self, name: &str, newkey: &[&str]) -> (String, String) {
             let cert = self.scratch.path(&format!("{name}.pem"));
             let key = self.scratch.path(&format!("{name}.key"));
-            let mut args = vec!["req", "-x509", "-nodes", "-subj", "/CN=openssl-device", "-days", "1"];
+            let mut args = vec![
+                "req",
+                "-x509",
+                "-nodes",
+                "-subj",
+                "/CN=openssl-device",
+                "-days",
+                "1",
+            ];
             args.extend(newkey);
             args.extend(["-keyout", key.as_str(), "-out", cert.as_str()]);
             openssl(&args);
@@ -476,8 +500,8 @@ mod tests {
     #[test]
     fn orchard_signature_verifies_and_names_the_signer() {
         let fx = Fixture::new();
-        let header = sign_mdm_signature(&fx.identity.cert_der, &fx.identity.key_pkcs8_der, BODY)
-            .unwrap();
+        let header =
+            sign_mdm_signature(&fx.identity.cert_der, &fx.identity.key_pkcs8_der, BODY).unwrap();
         let signer = verify_mdm_signature(&header, BODY).unwrap();
         assert_eq!(signer.as_ref(), fx.identity.cert_der.as_slice());
     }
@@ -485,22 +509,37 @@ mod tests {
     #[test]
     fn orchard_signature_is_accepted_by_openssl() {
         let fx = Fixture::new();
-        let header = sign_mdm_signature(&fx.identity.cert_der, &fx.identity.key_pkcs8_der, BODY)
-            .unwrap();
-        let sig = fx.scratch.write("orchard.sig", STANDARD.decode(header).unwrap());
+        let header =
+            sign_mdm_signature(&fx.identity.cert_der, &fx.identity.key_pkcs8_der, BODY).unwrap();
+        let sig = fx
+            .scratch
+            .write("orchard.sig", STANDARD.decode(header).unwrap());
         let ca = fx.scratch.write("ca.pem", fx.ca.ca_cert_pem());
         let body = fx.scratch.path("body");
         openssl(&[
-            "cms", "-verify", "-binary", "-inform", "DER", "-in", &sig, "-content", &body,
-            "-CAfile", &ca, "-purpose", "any", "-out", "/dev/null",
+            "cms",
+            "-verify",
+            "-binary",
+            "-inform",
+            "DER",
+            "-in",
+            &sig,
+            "-content",
+            &body,
+            "-CAfile",
+            &ca,
+            "-purpose",
+            "any",
+            "-out",
+            "/dev/null",
         ]);
     }
 
     #[test]
     fn tampered_body_fails() {
         let fx = Fixture::new();
-        let header = sign_mdm_signature(&fx.identity.cert_der, &fx.identity.key_pkcs8_der, BODY)
-            .unwrap();
+        let header =
+            sign_mdm_signature(&fx.identity.cert_der, &fx.identity.key_pkcs8_der, BODY).unwrap();
         let mut tampered = BODY.to_vec();
         tampered.push(b'\n');
         let err = verify_mdm_signature(&header, &tampered).unwrap_err();
@@ -512,9 +551,11 @@ mod tests {
     fn signature_by_one_key_with_another_certificate_fails() {
         let fx = Fixture::new();
         let other = fx.ca.issue_identity("device2").unwrap();
-        let header = sign_mdm_signature(&other.cert_der, &fx.identity.key_pkcs8_der, BODY)
-            .unwrap();
-        assert_eq!(verify_mdm_signature(&header, BODY).unwrap_err().reason(), "bad_signature");
+        let header = sign_mdm_signature(&other.cert_der, &fx.identity.key_pkcs8_der, BODY).unwrap();
+        assert_eq!(
+            verify_mdm_signature(&header, BODY).unwrap_err().reason(),
+            "bad_signature"
+        );
     }
 
     #[test]
@@ -523,7 +564,12 @@ mod tests {
         let header = fx.own_openssl_signature(&[]);
         let signer = verify_mdm_signature(&header, BODY).unwrap();
         assert_eq!(signer.as_ref(), fx.identity.cert_der.as_slice());
-        assert_eq!(verify_mdm_signature(&header, b"other").unwrap_err().reason(), "bad_signature");
+        assert_eq!(
+            verify_mdm_signature(&header, b"other")
+                .unwrap_err()
+                .reason(),
+            "bad_signature"
+        );
     }
 
     #[test]
@@ -544,12 +590,27 @@ mod tests {
     }
 
     #[test]
-    fn streamed_ber_with_indefinite_lengths_verifies() {
+    fn ber_with_indefinite_lengths_verifies() {
         let fx = Fixture::new();
+        for header in [
+            sign_mdm_signature(&fx.identity.cert_der, &fx.identity.key_pkcs8_der, BODY).unwrap(),
+            fx.own_openssl_signature(&[]),
+        ] {
+            let ber = with_indefinite_lengths(&STANDARD.decode(&header).unwrap());
+            assert_eq!(&ber[..2], [0x30, 0x80]);
+            let signer = verify_mdm_signature(&STANDARD.encode(ber), BODY).unwrap();
+            assert_eq!(signer.as_ref(), fx.identity.cert_der.as_slice());
+        }
+    }
+
+    #[test]
+    fn a_streamed_signature_with_attached_content_is_parsed_and_refused() {
+        let fx = Fixture::new();
+        // openssl -stream writes BER with indefinite lengths and segmented content.
         let header = fx.own_openssl_signature(&["-stream"]);
-        let ber = STANDARD.decode(&header).unwrap();
-        assert_eq!(&ber[..2], [0x30, 0x80], "openssl -stream should emit indefinite lengths");
-        verify_mdm_signature(&header, BODY).unwrap();
+        assert_eq!(&STANDARD.decode(&header).unwrap()[..2], [0x30, 0x80]);
+        let err = verify_mdm_signature(&header, BODY).unwrap_err();
+        assert!(err.to_string().contains("detached"), "{err}");
     }
 
     #[test]

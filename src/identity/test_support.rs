@@ -51,3 +51,50 @@ pub(crate) fn openssl(args: &[&str]) -> String {
     );
     String::from_utf8(output.stdout).unwrap()
 }
+
+/// Re-encodes DER with every constructed element in BER indefinite-length form, the way
+/// streaming CMS encoders (Apple's among them) write their outer layers.
+pub(crate) fn with_indefinite_lengths(der: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < der.len() {
+        let tag = der[pos];
+        assert_ne!(tag & 0x1f, 0x1f, "high tag numbers are not used in CMS");
+        let (len, length_octets) = match der[pos + 1] {
+            short if short < 0x80 => (usize::from(short), 1),
+            long => {
+                let count = usize::from(long & 0x7f);
+                let len = der[pos + 2..pos + 2 + count]
+                    .iter()
+                    .fold(0usize, |len, byte| (len << 8) | usize::from(*byte));
+                (len, 1 + count)
+            }
+        };
+        let start = pos + 1 + length_octets;
+        let contents = &der[start..start + len];
+        if tag & 0x20 != 0 {
+            out.extend([tag, 0x80]);
+            out.extend(with_indefinite_lengths(contents));
+            out.extend([0, 0]);
+        } else {
+            out.extend(&der[pos..start + len]);
+        }
+        pos = start + len;
+    }
+    out
+}
+
+/// The `X-Ssl-Client-Cert` value (nginx `$ssl_client_escaped_cert`) recorded in a NanoHUB
+/// transcript fixture.
+pub(crate) fn recorded_client_cert_header(transcript: &str) -> String {
+    let path = format!(
+        "{}/tests/fixtures/nanohub-transcripts/{transcript}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("X-Ssl-Client-Cert: "))
+        .unwrap()
+        .to_owned()
+}

@@ -173,6 +173,7 @@ mod tests {
     use super::*;
     use crate::identity::ca::CertificateAuthority;
     use crate::identity::pem;
+    use crate::identity::test_support::recorded_client_cert_header;
 
     /// A CA made directly with rcgen, for validity windows Orchard's own CA never issues.
     struct TestCa {
@@ -213,7 +214,11 @@ mod tests {
             params.extended_key_usages = vec![usage];
             params.not_before = not_before;
             params.not_after = not_after;
-            params.signed_by(&key, &self.cert, &self.key).unwrap().der().clone()
+            params
+                .signed_by(&key, &self.cert, &self.key)
+                .unwrap()
+                .der()
+                .clone()
         }
 
         fn client_leaf(&self) -> CertificateDer<'static> {
@@ -244,26 +249,16 @@ mod tests {
         utf8_percent_encode(&pem::encode("CERTIFICATE", der), NON_ALPHANUMERIC).to_string()
     }
 
-    fn recorded_header(transcript: &str) -> String {
-        let path = format!(
-            "{}/tests/fixtures/nanohub-transcripts/{transcript}",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        std::fs::read_to_string(path)
-            .unwrap()
-            .lines()
-            .find_map(|line| line.strip_prefix("X-Ssl-Client-Cert: "))
-            .unwrap()
-            .to_owned()
-    }
-
     #[test]
     fn a_certificate_issued_by_an_anchor_verifies_to_its_fingerprint() {
         let (_dir, ca) = orchard_ca();
         let identity = ca.issue_identity("device1").unwrap();
         let verifier = IdentityVerifier::new(vec![ca.ca_cert_der().clone()]).unwrap();
         let cert = CertificateDer::from(identity.cert_der.clone());
-        assert_eq!(verifier.verify(&cert).unwrap(), fingerprint(&identity.cert_der));
+        assert_eq!(
+            verifier.verify(&cert).unwrap(),
+            fingerprint(&identity.cert_der)
+        );
         assert_eq!(verifier.by_certificate.len(), 1);
     }
 
@@ -292,7 +287,10 @@ mod tests {
         let verifier = IdentityVerifier::new(vec![ca.ca_cert_der().clone()]).unwrap();
         let stranger = TestCa::new("Stranger", Duration::days(365)).client_leaf();
         for _ in 0..2 {
-            assert_eq!(verifier.verify(&stranger).unwrap_err().reason(), "untrusted");
+            assert_eq!(
+                verifier.verify(&stranger).unwrap_err().reason(),
+                "untrusted"
+            );
         }
         assert_eq!(verifier.by_certificate.len(), 0);
     }
@@ -303,10 +301,17 @@ mod tests {
         let verifier = IdentityVerifier::new(vec![ca.der()]).unwrap();
         let now = OffsetDateTime::now_utc();
         let client = ExtendedKeyUsagePurpose::ClientAuth;
-        let expired = ca.leaf(now - Duration::days(10), now - Duration::days(1), client.clone());
+        let expired = ca.leaf(
+            now - Duration::days(10),
+            now - Duration::days(1),
+            client.clone(),
+        );
         let future = ca.leaf(now + Duration::days(1), now + Duration::days(10), client);
         assert_eq!(verifier.verify(&expired).unwrap_err().reason(), "expired");
-        assert_eq!(verifier.verify(&future).unwrap_err().reason(), "not_yet_valid");
+        assert_eq!(
+            verifier.verify(&future).unwrap_err().reason(),
+            "not_yet_valid"
+        );
     }
 
     #[test]
@@ -314,7 +319,11 @@ mod tests {
         let ca = TestCa::new("CA", Duration::days(365));
         let verifier = IdentityVerifier::new(vec![ca.der()]).unwrap();
         let now = OffsetDateTime::now_utc();
-        let server = ca.leaf(now, now + Duration::days(1), ExtendedKeyUsagePurpose::ServerAuth);
+        let server = ca.leaf(
+            now,
+            now + Duration::days(1),
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
         let err = verifier.verify(&server).unwrap_err();
         assert_eq!(err.reason(), "untrusted");
         assert!(err.to_string().contains("RequiredEkuNotFound"), "{err}");
@@ -333,7 +342,8 @@ mod tests {
             .unwrap();
 
         let cached = verifier.by_certificate.get(&fp, 0).unwrap();
-        let intermediate_not_after = not_after_unix(&parse_certificate(&intermediate.der()).unwrap());
+        let intermediate_not_after =
+            not_after_unix(&parse_certificate(&intermediate.der()).unwrap());
         assert_eq!(cached.expires_at, intermediate_not_after);
     }
 
@@ -344,7 +354,10 @@ mod tests {
         let verifier = IdentityVerifier::new(vec![ca.ca_cert_der().clone()]).unwrap();
         let expected = fingerprint(&identity.cert_der);
 
-        for header in [rfc9440(&identity.cert_der), nginx_escaped(&identity.cert_der)] {
+        for header in [
+            rfc9440(&identity.cert_der),
+            nginx_escaped(&identity.cert_der),
+        ] {
             assert_eq!(verifier.verify_header(&header).unwrap(), expected);
             assert_eq!(verifier.verify_header(&header).unwrap(), expected);
         }
@@ -357,7 +370,9 @@ mod tests {
         let (_dir, ca) = orchard_ca();
         let verifier = IdentityVerifier::new(vec![ca.ca_cert_der().clone()]).unwrap();
         for transcript in ["02-authenticate.txt", "41-neg-connect-untrusted-cert.txt"] {
-            let err = verifier.verify_header(&recorded_header(transcript)).unwrap_err();
+            let err = verifier
+                .verify_header(&recorded_client_cert_header(transcript))
+                .unwrap_err();
             assert_eq!(err.reason(), "untrusted", "{transcript}: {err}");
         }
         assert_eq!(verifier.by_header.len(), 0);
@@ -365,8 +380,10 @@ mod tests {
 
     #[test]
     fn a_self_signed_ca_certificate_is_no_device_identity_even_when_trusted() {
-        let rogue = parse_client_cert_header(&recorded_header("41-neg-connect-untrusted-cert.txt"))
-            .unwrap();
+        let rogue = parse_client_cert_header(&recorded_client_cert_header(
+            "41-neg-connect-untrusted-cert.txt",
+        ))
+        .unwrap();
         let verifier = IdentityVerifier::new(vec![rogue.clone()]).unwrap();
         // Self-signed and marked CA:TRUE: webpki refuses a CA certificate as end entity.
         let err = verifier.verify(&rogue).unwrap_err();
@@ -377,8 +394,14 @@ mod tests {
     fn malformed_headers_are_reported_before_any_chain_work() {
         let (_dir, ca) = orchard_ca();
         let verifier = IdentityVerifier::new(vec![ca.ca_cert_der().clone()]).unwrap();
-        assert_eq!(verifier.verify_header(":%%%:").unwrap_err().reason(), "bad_base64");
-        assert_eq!(verifier.verify_header("").unwrap_err().reason(), "missing_certificate");
+        assert_eq!(
+            verifier.verify_header(":%%%:").unwrap_err().reason(),
+            "bad_base64"
+        );
+        assert_eq!(
+            verifier.verify_header("").unwrap_err().reason(),
+            "missing_certificate"
+        );
     }
 
     #[test]

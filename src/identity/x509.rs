@@ -46,10 +46,14 @@ impl KeyType {
                 match curve {
                     rfc5912::SECP_256_R_1 => Ok(KeyType::EcP256),
                     rfc5912::SECP_384_R_1 => Ok(KeyType::EcP384),
-                    other => Err(IdentityError::UnsupportedAlgorithm(format!("curve {other}"))),
+                    other => Err(IdentityError::UnsupportedAlgorithm(format!(
+                        "curve {other}"
+                    ))),
                 }
             }
-            other => Err(IdentityError::UnsupportedAlgorithm(format!("key type {other}"))),
+            other => Err(IdentityError::UnsupportedAlgorithm(format!(
+                "key type {other}"
+            ))),
         }
     }
 

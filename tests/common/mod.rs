@@ -1,0 +1,302 @@
+//! A real Orchard process and simulated devices for end-to-end tests: the server binary
+//! runs on loopback with its embedded store in a temporary directory; devices present
+//! identities issued by the server's own CA, exactly as enrolled devices do.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine;
+use orchard::identity::{CertificateAuthority, IssuedIdentity};
+use plist::{Dictionary, Value};
+
+pub const API_KEY: &str = "test-api-key";
+pub const CERT_HEADER: &str = "X-Client-Cert";
+pub const TOPIC: &str = "com.apple.mgmt.External.e0bd1eac-1f17-4c8e-8a63-dd17d3dd35d9";
+pub const CHECKIN: &str = "application/x-apple-aspen-mdm-checkin";
+pub const CONNECT: &str = "application/x-apple-aspen-mdm";
+
+pub fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name))
+        .unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+}
+
+pub fn fixture_dict(name: &str) -> Dictionary {
+    plist::from_bytes(&fixture(name)).expect("fixture is a plist dictionary")
+}
+
+pub fn to_xml(dict: &Dictionary) -> Vec<u8> {
+    let mut out = Vec::new();
+    Value::Dictionary(dict.clone()).to_writer_xml(&mut out).unwrap();
+    out
+}
+
+/// A running `orchard serve`.
+pub struct Server {
+    child: Option<Child>,
+    pub data_dir: PathBuf,
+    pub base: String,
+    args: Vec<String>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// Plain HTTP behind a simulated proxy that passes the client certificate in a header.
+    pub fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let data_dir = tmp.path().join("data");
+        let mut server = Server {
+            child: None,
+            data_dir,
+            base: String::new(),
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            _tmp: Some(tmp),
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_orchard"));
+        command
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--api-key", API_KEY])
+            .args(["--client-cert-header", CERT_HEADER])
+            .args(["--server-url", "https://mdm.example.test"])
+            .args(&self.args)
+            .env("ORCHARD_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = command.spawn().expect("orchard binary starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let address = loop {
+            let line = lines
+                .next()
+                .expect("orchard printed its address before exiting")
+                .unwrap();
+            if let Some(rest) = line.strip_prefix("orchard listening on ") {
+                break rest.to_string();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        self.base = address;
+        self.child = Some(child);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// SIGKILL: no shutdown hook runs, nothing unflushed survives.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// Start again on the same data dir (new port).
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn ca(&self) -> CertificateAuthority {
+        CertificateAuthority::load_or_create(&self.data_dir).expect("server CA in the data dir")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn client() -> awc::Client {
+    awc::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .finish()
+}
+
+pub async fn body_of(mut response: awc::ClientResponse<impl futures_util::Stream<Item = Result<actix_web::web::Bytes, awc::error::PayloadError>> + Unpin>) -> Vec<u8> {
+    response.body().limit(64 * 1024 * 1024).await.unwrap().to_vec()
+}
+
+/// A device with its own identity from the server's CA.
+pub struct Device {
+    pub udid: String,
+    pub identity: IssuedIdentity,
+}
+
+impl Device {
+    pub fn new(server: &Server, udid: &str) -> Device {
+        Device {
+            udid: udid.to_string(),
+            identity: server.ca().issue_identity(udid).unwrap(),
+        }
+    }
+
+    /// RFC 9440 form of the client-certificate header.
+    pub fn cert_header(&self) -> String {
+        format!(
+            ":{}:",
+            base64::engine::general_purpose::STANDARD.encode(&self.identity.cert_der)
+        )
+    }
+
+    /// The real Authenticate fixture, re-addressed to this device.
+    pub fn authenticate(&self) -> Vec<u8> {
+        let mut message = fixture_dict("nanomdm/Authenticate.2.plist");
+        message.insert("UDID".into(), self.udid.clone().into());
+        to_xml(&message)
+    }
+
+    pub fn token_update(&self) -> Vec<u8> {
+        let mut message = fixture_dict("nanomdm/TokenUpdate.2.plist");
+        message.insert("UDID".into(), self.udid.clone().into());
+        to_xml(&message)
+    }
+
+    pub fn idle(&self) -> Vec<u8> {
+        self.report("Idle", None)
+    }
+
+    pub fn report(&self, status: &str, command_uuid: Option<&str>) -> Vec<u8> {
+        let mut message = Dictionary::new();
+        message.insert("UDID".into(), self.udid.clone().into());
+        message.insert("Status".into(), status.into());
+        if let Some(uuid) = command_uuid {
+            message.insert("CommandUUID".into(), uuid.into());
+        }
+        to_xml(&message)
+    }
+
+    pub async fn checkin(&self, server: &Server, body: Vec<u8>) -> (u16, Vec<u8>) {
+        self.put(server, "/mdm", CHECKIN, body).await
+    }
+
+    pub async fn connect(&self, server: &Server, body: Vec<u8>) -> (u16, Vec<u8>) {
+        self.put(server, "/mdm", CONNECT, body).await
+    }
+
+    pub async fn put(&self, server: &Server, path: &str, content_type: &str, body: Vec<u8>) -> (u16, Vec<u8>) {
+        let response = client()
+            .put(server.url(path))
+            .insert_header(("Content-Type", content_type))
+            .insert_header((CERT_HEADER, self.cert_header()))
+            .send_body(body)
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, body_of(response).await)
+    }
+
+    /// Authenticate + TokenUpdate.
+    pub async fn enroll(&self, server: &Server) {
+        assert_eq!(self.checkin(server, self.authenticate()).await.0, 200);
+        assert_eq!(self.checkin(server, self.token_update()).await.0, 200);
+    }
+
+    /// Idle, then acknowledge every command until the queue is empty; the command UUIDs
+    /// in the order received.
+    pub async fn drain(&self, server: &Server) -> Vec<String> {
+        let mut received = Vec::new();
+        let (status, mut body) = self.connect(server, self.idle()).await;
+        assert_eq!(status, 200);
+        while !body.is_empty() {
+            let command: Dictionary = plist::from_bytes(&body).unwrap();
+            let uuid = command["CommandUUID"].as_string().unwrap().to_string();
+            let (status, next) = self.connect(server, self.report("Acknowledged", Some(&uuid))).await;
+            assert_eq!(status, 200);
+            received.push(uuid);
+            body = next;
+        }
+        received
+    }
+}
+
+/// A raw command plist as NanoHUB's enqueue route takes it.
+pub fn command_plist(uuid: &str, request_type: &str) -> Vec<u8> {
+    let mut command = Dictionary::new();
+    command.insert("RequestType".into(), request_type.into());
+    let mut outer = Dictionary::new();
+    outer.insert("CommandUUID".into(), uuid.into());
+    outer.insert("Command".into(), Value::Dictionary(command));
+    to_xml(&outer)
+}
+
+pub async fn api_put(server: &Server, path: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
+    let response = client()
+        .put(server.url(path))
+        .bearer_auth(API_KEY)
+        .send_body(body)
+        .await
+        .unwrap();
+    json_of(response).await
+}
+
+pub async fn api_get(server: &Server, path: &str) -> (u16, serde_json::Value) {
+    let response = client().get(server.url(path)).bearer_auth(API_KEY).send().await.unwrap();
+    json_of(response).await
+}
+
+pub async fn api_post_json(server: &Server, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let response = client()
+        .post(server.url(path))
+        .bearer_auth(API_KEY)
+        .send_json(&body)
+        .await
+        .unwrap();
+    json_of(response).await
+}
+
+async fn json_of(response: awc::ClientResponse<impl futures_util::Stream<Item = Result<actix_web::web::Bytes, awc::error::PayloadError>> + Unpin>) -> (u16, serde_json::Value) {
+    let status = response.status().as_u16();
+    let body = body_of(response).await;
+    let json = if body.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&body).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&body).into()))
+    };
+    (status, json)
+}
+
+pub async fn enqueue(server: &Server, ids: &str, uuid: &str, request_type: &str) -> (u16, serde_json::Value) {
+    api_put(server, &format!("/api/v1/nanomdm/enqueue/{ids}?nopush=1"), command_plist(uuid, request_type)).await
+}
+
+/// An APNs MDM push certificate + key (PEM), topic in the subject UID as Apple issues it.
+pub fn push_certificate_pem(topic: &str) -> String {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(
+        rcgen::DnType::CustomDnType(vec![0, 9, 2342, 19200300, 100, 1, 1]),
+        topic,
+    );
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("APSP:{topic}"));
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    format!("{}{}", cert.pem(), key.serialize_pem())
+}
+
+pub async fn upload_push_cert(server: &Server) {
+    let (status, body) = api_put(server, "/api/v1/nanomdm/pushcert", push_certificate_pem(TOPIC).into_bytes()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["topic"], TOPIC);
+}
+
+pub async fn metrics_text(server: &Server) -> String {
+    let response = client().get(server.url("/metrics")).send().await.unwrap();
+    String::from_utf8(body_of(response).await).unwrap()
+}
