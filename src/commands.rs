@@ -33,7 +33,9 @@ pub async fn enqueue(
     priority: u8,
     send_push: bool,
 ) -> Result<Vec<Delivery>, StoreError> {
-    store.apply(vec![Mutation::PutCommand(command.clone())]).await?;
+    store
+        .apply(vec![Mutation::PutCommand(command.clone())])
+        .await?;
     let command = registry.intern_body(command);
     let queued: Vec<(String, Result<Option<PushTarget>, DeviceError>)> = stream::iter(ids)
         .map(|id| {
@@ -97,7 +99,12 @@ pub async fn push_enrollments(
                 targets.push((outcomes.len(), target));
                 outcomes.push((id, None));
             }
-            Err(e) => outcomes.push((id, Some(PushOutcome::Failed { reason: e.to_string() }))),
+            Err(e) => outcomes.push((
+                id,
+                Some(PushOutcome::Failed {
+                    reason: e.to_string(),
+                }),
+            )),
         }
     }
     let (slots, targets): (Vec<usize>, Vec<PushTarget>) = targets.into_iter().unzip();

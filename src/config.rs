@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "orchard", version, about = "Apple device management (MDM + DDM) for large fleets")]
+#[command(
+    name = "orchard",
+    version,
+    about = "Apple device management (MDM + DDM) for large fleets"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -107,7 +111,12 @@ pub struct ServeArgs {
     pub max_resident_actors: usize,
 
     /// How to answer UserAuthenticate for macOS network users.
-    #[arg(long, env = "ORCHARD_USER_AUTHENTICATE", value_enum, default_value = "decline")]
+    #[arg(
+        long,
+        env = "ORCHARD_USER_AUTHENTICATE",
+        value_enum,
+        default_value = "decline"
+    )]
     pub user_authenticate: UserAuthenticateMode,
 
     /// AccessRights in generated enrollment profiles (1..=8191).

@@ -20,7 +20,9 @@ const SERVER_CAPABILITIES: [&str; 2] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
-    #[error("no https server URL is known: start Orchard with --server-url https://... (or serve TLS)")]
+    #[error(
+        "no https server URL is known: start Orchard with --server-url https://... (or serve TLS)"
+    )]
     NoServerUrl,
     #[error("no push certificate has been uploaded yet: PUT one to /api/v1/nanomdm/pushcert (the profile's Topic comes from it)")]
     NoPushCertificate,
@@ -89,17 +91,26 @@ impl EnrollmentProfiles {
         let mut xml = Vec::new();
         Value::Dictionary(profile)
             .to_writer_xml(&mut xml)
-            .map_err(|e| EnrollError::InvalidProfile(vec![Violation {
-                path: "$".into(),
-                message: e.to_string(),
-            }]))?;
+            .map_err(|e| {
+                EnrollError::InvalidProfile(vec![Violation {
+                    path: "$".into(),
+                    message: e.to_string(),
+                }])
+            })?;
         Ok(xml)
     }
 
     fn identity_payload(&self, payload_uuid: &str) -> Result<Dictionary, EnrollError> {
-        let identity = self.ca.issue_identity(&format!("Orchard device {payload_uuid}"))?;
+        let identity = self
+            .ca
+            .issue_identity(&format!("Orchard device {payload_uuid}"))?;
         let password = random_password();
-        let p12 = pkcs12(&identity, &self.ca.ca_cert_der(), &password, "Orchard device identity")?;
+        let p12 = pkcs12(
+            &identity,
+            self.ca.ca_cert_der(),
+            &password,
+            "Orchard device identity",
+        )?;
         let mut payload = common_payload(
             "com.apple.security.pkcs12",
             "com.orchard.enroll.identity",
@@ -148,7 +159,10 @@ impl EnrollmentProfiles {
             &new_uuid(),
             &format!("{} device management", self.organization),
         );
-        profile.insert("PayloadOrganization".into(), self.organization.clone().into());
+        profile.insert(
+            "PayloadOrganization".into(),
+            self.organization.clone().into(),
+        );
         profile.insert(
             "PayloadContent".into(),
             Value::Array(content.into_iter().map(Value::Dictionary).collect()),
@@ -157,7 +171,12 @@ impl EnrollmentProfiles {
     }
 }
 
-fn common_payload(payload_type: &str, identifier: &str, uuid: &str, display_name: &str) -> Dictionary {
+fn common_payload(
+    payload_type: &str,
+    identifier: &str,
+    uuid: &str,
+    display_name: &str,
+) -> Dictionary {
     let mut payload = Dictionary::new();
     payload.insert("PayloadType".into(), payload_type.into());
     payload.insert("PayloadVersion".into(), Value::Integer(1.into()));

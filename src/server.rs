@@ -35,25 +35,36 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
     telemetry::init_logging();
     let metrics = telemetry::install_metrics().map_err(|e| fail("metrics", e))?;
     validate(&args)?;
-    std::fs::create_dir_all(&args.data_dir)
-        .map_err(|e| fail(&format!("cannot create data dir {}", args.data_dir.display()), e))?;
+    std::fs::create_dir_all(&args.data_dir).map_err(|e| {
+        fail(
+            &format!("cannot create data dir {}", args.data_dir.display()),
+            e,
+        )
+    })?;
     let store: Arc<dyn Store> = match args.store {
-        StoreKind::Embedded => EmbeddedStore::open(&args.data_dir).map_err(|e| fail("cannot open the embedded store", e))?,
+        StoreKind::Embedded => EmbeddedStore::open(&args.data_dir)
+            .map_err(|e| fail("cannot open the embedded store", e))?,
         StoreKind::Scylla => {
             return Err(StartupError(
                 "--store scylla is not available in this build; use --store embedded".into(),
             ))
         }
     };
-    let ca = Arc::new(CertificateAuthority::load_or_create(&args.data_dir).map_err(|e| fail("identity CA", e))?);
+    let ca = Arc::new(
+        CertificateAuthority::load_or_create(&args.data_dir).map_err(|e| fail("identity CA", e))?,
+    );
     let mut anchors = vec![ca.ca_cert_der().clone()];
     if let Some(path) = &args.identity_ca {
         anchors.extend(read_pem_certs(path)?);
     }
-    let verifier = Arc::new(IdentityVerifier::new(anchors.clone()).map_err(|e| fail("identity CA bundle", e))?);
+    let verifier = Arc::new(
+        IdentityVerifier::new(anchors.clone()).map_err(|e| fail("identity CA bundle", e))?,
+    );
     let (api_key, generated) = api_key(&args)?;
     let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(http::tls::server_config(cert, key, &anchors).map_err(|e| fail("TLS", e))?),
+        (Some(cert), Some(key)) => {
+            Some(http::tls::server_config(cert, key, &anchors).map_err(|e| fail("TLS", e))?)
+        }
         _ => None,
     };
     let server_url = args
@@ -61,7 +72,13 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
         .clone()
         .or_else(|| tls.as_ref().map(|_| format!("https://{}", args.listen)));
     let sign_message = tls.is_none() && args.client_cert_header.is_none();
-    let profiles = EnrollmentProfiles::new(server_url.clone(), Arc::clone(&ca), sign_message, args.access_rights, args.organization.clone());
+    let profiles = EnrollmentProfiles::new(
+        server_url.clone(),
+        Arc::clone(&ca),
+        sign_message,
+        args.access_rights,
+        args.organization.clone(),
+    );
     let settings = DeviceSettings {
         idle_timeout: Duration::from_secs(args.actor_idle_secs.max(1)),
         max_resident: args.max_resident_actors.max(1),
@@ -89,12 +106,16 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
             metrics,
         ));
         let app_state = state.clone();
-        let mut server = HttpServer::new(move || App::new().app_data(app_state.clone()).configure(http::routes))
-            .on_connect(http::identity::capture_peer_certificate)
-            .client_request_timeout(timeout)
-            .client_disconnect_timeout(Duration::from_secs(5))
-            .keep_alive(Duration::from_secs(75))
-            .shutdown_timeout(10);
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .app_data(app_state.clone())
+                .configure(http::routes)
+        })
+        .on_connect(http::identity::capture_peer_certificate)
+        .client_request_timeout(timeout)
+        .client_disconnect_timeout(Duration::from_secs(5))
+        .keep_alive(Duration::from_secs(75))
+        .shutdown_timeout(10);
         if let Some(workers) = args.workers {
             server = server.workers(workers.max(1));
         }
@@ -103,9 +124,20 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
             None => server.bind(&args.listen),
         }
         .map_err(|e| fail(&format!("cannot listen on {}", args.listen), e))?;
-        let scheme = if args.tls_cert.is_some() { "https" } else { "http" };
+        let scheme = if args.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let addrs = server.addrs();
-        print_banner(&args, scheme, &addrs, &api_key, generated, server_url.as_deref());
+        print_banner(
+            &args,
+            scheme,
+            &addrs,
+            &api_key,
+            generated,
+            server_url.as_deref(),
+        );
         actix_web::rt::spawn(sweep_actors(registry));
         server.run().await.map_err(|e| fail("server", e))
     })
@@ -124,14 +156,27 @@ async fn sweep_actors(registry: Arc<Registry>) {
 fn validate(args: &ServeArgs) -> Result<(), StartupError> {
     if let Some(url) = &args.server_url {
         if !url.starts_with("https://") {
-            return Err(StartupError(format!("--server-url must be an https:// URL (devices refuse anything else), got {url}")));
+            return Err(StartupError(format!(
+                "--server-url must be an https:// URL (devices refuse anything else), got {url}"
+            )));
         }
     }
-    for path in [&args.tls_cert, &args.tls_key, &args.identity_ca, &args.apns_ca].into_iter().flatten() {
+    for path in [
+        &args.tls_cert,
+        &args.tls_key,
+        &args.identity_ca,
+        &args.apns_ca,
+    ]
+    .into_iter()
+    .flatten()
+    {
         std::fs::metadata(path).map_err(|e| fail(&format!("cannot read {}", path.display()), e))?;
     }
     if !(1..=8191).contains(&args.access_rights) {
-        return Err(StartupError(format!("--access-rights must be within 1..=8191, got {}", args.access_rights)));
+        return Err(StartupError(format!(
+            "--access-rights must be within 1..=8191, got {}",
+            args.access_rights
+        )));
     }
     Ok(())
 }
@@ -141,7 +186,10 @@ fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, StartupEr
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .map_err(|e| fail(&format!("cannot read CA bundle {}", path.display()), e))?;
     if certs.is_empty() {
-        return Err(StartupError(format!("no PEM certificate in {}", path.display())));
+        return Err(StartupError(format!(
+            "no PEM certificate in {}",
+            path.display()
+        )));
     }
     Ok(certs)
 }
@@ -156,7 +204,8 @@ fn api_key(args: &ServeArgs) -> Result<(String, bool), StartupError> {
         return Ok((stored.trim().to_string(), false));
     }
     let key = hex::encode(rand::random::<[u8; 24]>());
-    write_private(&path, key.as_bytes()).map_err(|e| fail(&format!("cannot write {}", path.display()), e))?;
+    write_private(&path, key.as_bytes())
+        .map_err(|e| fail(&format!("cannot write {}", path.display()), e))?;
     Ok((key, true))
 }
 
@@ -181,18 +230,29 @@ fn print_banner(
         let _ = writeln!(out, "orchard listening on {scheme}://{addr}");
     }
     let _ = writeln!(out, "data dir: {}", args.data_dir.display());
-    let origin = if generated { "generated, stored in the data dir" } else { "configured" };
+    let origin = if generated {
+        "generated, stored in the data dir"
+    } else {
+        "configured"
+    };
     let _ = writeln!(out, "API key ({origin}): {api_key}");
     match server_url {
         Some(url) => {
-            let _ = writeln!(out, "enrollment URL: {}/mdm/enroll", url.trim_end_matches('/'));
+            let _ = writeln!(
+                out,
+                "enrollment URL: {}/mdm/enroll",
+                url.trim_end_matches('/')
+            );
         }
         None => {
             let _ = writeln!(out, "enrollment URL: {scheme}://{}/mdm/enroll (answers 409 until --server-url https://... is set)", addrs.first().map(|a| a.to_string()).unwrap_or_default());
         }
     }
     if args.apns_url.is_some() || args.apns_ca.is_some() {
-        let _ = writeln!(out, "note: pushes are recorded, not sent (no APNs client in this build)");
+        let _ = writeln!(
+            out,
+            "note: pushes are recorded, not sent (no APNs client in this build)"
+        );
     }
     let _ = out.flush();
 }

@@ -5,8 +5,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Latency buckets from 50 µs to 10 s: the hot paths live in the sub-millisecond range.
 const LATENCY_BUCKETS: [f64; 16] = [
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 10.0,
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 10.0,
 ];
 
 pub fn init_logging() {
@@ -26,7 +26,9 @@ pub fn install_metrics() -> Result<PrometheusHandle, String> {
         .and_then(|b| {
             b.set_buckets_for_metric(
                 Matcher::Full("orchard_store_group_size".to_string()),
-                &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0],
+                &[
+                    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+                ],
             )
         })
         .map_err(|e| e.to_string())?

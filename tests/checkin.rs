@@ -23,11 +23,20 @@ fn message(device: &Device, message_type: &str, extra: &[(&str, Value)]) -> Vec<
 async fn authenticate_then_token_update_makes_the_device_pushable() {
     let server = Server::start();
     let device = Device::new(&server, UDID);
-    assert_eq!(device.checkin(&server, device.authenticate()).await, (200, vec![]));
+    assert_eq!(
+        device.checkin(&server, device.authenticate()).await,
+        (200, vec![])
+    );
     let (_, after_auth) = api_get(&server, &format!("/api/v1/devices/{UDID}")).await;
-    assert_eq!(after_auth["enabled"], false, "not pushable before TokenUpdate");
+    assert_eq!(
+        after_auth["enabled"], false,
+        "not pushable before TokenUpdate"
+    );
     assert_eq!(after_auth["device_info"]["SerialNumber"], "C02MT66KFLHH");
-    assert_eq!(device.checkin(&server, device.token_update()).await, (200, vec![]));
+    assert_eq!(
+        device.checkin(&server, device.token_update()).await,
+        (200, vec![])
+    );
     let (status, after_token) = api_get(&server, &format!("/api/v1/devices/{UDID}")).await;
     assert_eq!(status, 200);
     assert_eq!(after_token["enabled"], true);
@@ -41,7 +50,13 @@ async fn check_out_disables_the_enrollment() {
     let server = Server::start();
     let device = Device::new(&server, UDID);
     device.enroll(&server).await;
-    assert_eq!(device.checkin(&server, message(&device, "CheckOut", &[])).await.0, 200);
+    assert_eq!(
+        device
+            .checkin(&server, message(&device, "CheckOut", &[]))
+            .await
+            .0,
+        200
+    );
     let (_, info) = api_get(&server, &format!("/api/v1/devices/{UDID}")).await;
     assert_eq!(info["enabled"], false);
     let (status, push) = api_get(&server, &format!("/api/v1/nanomdm/push/{UDID}")).await;
@@ -53,12 +68,24 @@ async fn the_bootstrap_token_is_escrowed_and_returned() {
     let server = Server::start();
     let device = Device::new(&server, UDID);
     device.enroll(&server).await;
-    let (status, body) = device.checkin(&server, message(&device, "GetBootstrapToken", &[])).await;
-    assert_eq!((status, body.len()), (200, 0), "nothing escrowed yet: empty body");
+    let (status, body) = device
+        .checkin(&server, message(&device, "GetBootstrapToken", &[]))
+        .await;
+    assert_eq!(
+        (status, body.len()),
+        (200, 0),
+        "nothing escrowed yet: empty body"
+    );
     let token = b"bootstrap-secret".to_vec();
-    let set = message(&device, "SetBootstrapToken", &[("BootstrapToken", Value::Data(token.clone()))]);
+    let set = message(
+        &device,
+        "SetBootstrapToken",
+        &[("BootstrapToken", Value::Data(token.clone()))],
+    );
     assert_eq!(device.checkin(&server, set).await.0, 200);
-    let (status, body) = device.checkin(&server, message(&device, "GetBootstrapToken", &[])).await;
+    let (status, body) = device
+        .checkin(&server, message(&device, "GetBootstrapToken", &[]))
+        .await;
     assert_eq!(status, 200);
     let reply: Dictionary = plist::from_bytes(&body).unwrap();
     assert_eq!(reply["BootstrapToken"].as_data(), Some(&token[..]));
@@ -69,7 +96,11 @@ async fn user_authenticate_is_declined_with_410_by_default() {
     let server = Server::start();
     let device = Device::new(&server, UDID);
     device.enroll(&server).await;
-    let body = message(&device, "UserAuthenticate", &[("UserID", "501-USER".into())]);
+    let body = message(
+        &device,
+        "UserAuthenticate",
+        &[("UserID", "501-USER".into())],
+    );
     assert_eq!(device.checkin(&server, body).await.0, 410);
 }
 
@@ -78,12 +109,23 @@ async fn user_authenticate_can_answer_an_empty_digest_challenge() {
     let server = Server::start_with(&["--user-authenticate", "empty-challenge"]);
     let device = Device::new(&server, UDID);
     device.enroll(&server).await;
-    let first = message(&device, "UserAuthenticate", &[("UserID", "501-USER".into())]);
+    let first = message(
+        &device,
+        "UserAuthenticate",
+        &[("UserID", "501-USER".into())],
+    );
     let (status, body) = device.checkin(&server, first).await;
     assert_eq!(status, 200);
     let challenge: Dictionary = plist::from_bytes(&body).unwrap();
     assert_eq!(challenge["DigestChallenge"].as_string(), Some(""));
-    let second = message(&device, "UserAuthenticate", &[("UserID", "501-USER".into()), ("DigestResponse", "x".into())]);
+    let second = message(
+        &device,
+        "UserAuthenticate",
+        &[
+            ("UserID", "501-USER".into()),
+            ("DigestResponse", "x".into()),
+        ],
+    );
     assert_eq!(device.checkin(&server, second).await, (200, vec![]));
 }
 
@@ -92,7 +134,11 @@ async fn get_token_without_a_token_service_is_a_clear_4xx() {
     let server = Server::start();
     let device = Device::new(&server, UDID);
     device.enroll(&server).await;
-    let body = message(&device, "GetToken", &[("TokenServiceType", "com.apple.maid".into())]);
+    let body = message(
+        &device,
+        "GetToken",
+        &[("TokenServiceType", "com.apple.maid".into())],
+    );
     let (status, reason) = device.checkin(&server, body).await;
     assert_eq!(status, 400);
     assert!(String::from_utf8_lossy(&reason).contains("token service"));
@@ -103,7 +149,11 @@ async fn declarative_management_gets_a_clear_error_until_ddm_is_served() {
     let server = Server::start();
     let device = Device::new(&server, UDID);
     device.enroll(&server).await;
-    let body = message(&device, "DeclarativeManagement", &[("Endpoint", "tokens".into())]);
+    let body = message(
+        &device,
+        "DeclarativeManagement",
+        &[("Endpoint", "tokens".into())],
+    );
     let (status, reason) = device.checkin(&server, body).await;
     assert_eq!(status, 501);
     assert!(String::from_utf8_lossy(&reason).contains("declarative management"));
@@ -134,7 +184,10 @@ async fn a_user_channel_enrolls_through_its_device_and_has_its_own_queue() {
 
     enqueue(&server, &user_id, "USER-CMD-1", "ProfileList").await;
     let (_, device_next) = device.connect(&server, device.idle()).await;
-    assert!(device_next.is_empty(), "the device channel's queue is separate");
+    assert!(
+        device_next.is_empty(),
+        "the device channel's queue is separate"
+    );
     let mut user_idle = Dictionary::new();
     user_idle.insert("UDID".into(), UDID.into());
     user_idle.insert("UserID".into(), "A1B2-USER".into());
@@ -153,7 +206,10 @@ async fn re_enrollment_clears_the_queue_and_rebinds_the_new_certificate() {
     enqueue(&server, UDID, "STALE-1", "ProfileList").await;
     let after = Device::new(&server, UDID);
     after.enroll(&server).await;
-    assert!(after.drain(&server).await.is_empty(), "stale commands are cleared on Authenticate");
+    assert!(
+        after.drain(&server).await.is_empty(),
+        "stale commands are cleared on Authenticate"
+    );
     let (status, _) = before.connect(&server, before.idle()).await;
     assert_eq!(status, 403, "the previous identity is no longer bound");
     let (_, info) = api_get(&server, &format!("/api/v1/devices/{UDID}")).await;

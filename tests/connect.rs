@@ -26,23 +26,40 @@ async fn an_enqueued_command_is_delivered_verbatim_and_its_result_stored() {
     let device = Device::new(&server, UDID);
     device.enroll(&server).await;
     let command = command_plist("7A5C2E4E-0000-4000-8000-000000000001", "ProfileList");
-    let (status, body) = api_put(&server, &format!("/api/v1/nanomdm/enqueue/{UDID}?nopush=1"), command.clone()).await;
+    let (status, body) = api_put(
+        &server,
+        &format!("/api/v1/nanomdm/enqueue/{UDID}?nopush=1"),
+        command.clone(),
+    )
+    .await;
     assert_eq!(status, 200);
-    assert_eq!(body, serde_json::json!({"no_push": true, "command_uuid": "7A5C2E4E-0000-4000-8000-000000000001", "request_type": "ProfileList"}));
+    assert_eq!(
+        body,
+        serde_json::json!({"no_push": true, "command_uuid": "7A5C2E4E-0000-4000-8000-000000000001", "request_type": "ProfileList"})
+    );
 
     let (status, delivered) = device.connect(&server, device.idle()).await;
     assert_eq!((status, &delivered), (200, &command));
 
     let mut result = fixture_dict("nanomdm/DeviceInformation.1.plist");
-    result.insert("CommandUUID".into(), "7A5C2E4E-0000-4000-8000-000000000001".into());
+    result.insert(
+        "CommandUUID".into(),
+        "7A5C2E4E-0000-4000-8000-000000000001".into(),
+    );
     result.insert("UDID".into(), UDID.into());
     let raw_result = to_xml(&result);
-    assert_eq!(device.connect(&server, raw_result.clone()).await, (200, vec![]));
+    assert_eq!(
+        device.connect(&server, raw_result.clone()).await,
+        (200, vec![])
+    );
 
     let (_, history) = api_get(&server, &format!("/api/v1/devices/{UDID}/commands")).await;
     assert_eq!(history[0]["status"], "Acknowledged");
     assert_eq!(history[0]["request_type"], "ProfileList");
-    assert_eq!(history[0]["result"].as_str().unwrap().as_bytes(), &raw_result[..]);
+    assert_eq!(
+        history[0]["result"].as_str().unwrap().as_bytes(),
+        &raw_result[..]
+    );
 }
 
 #[actix_rt::test]
@@ -85,8 +102,19 @@ async fn a_resent_result_is_stored_once_and_the_queue_moves_on() {
     assert_eq!(status, 200);
     assert_eq!(command_uuid(&next_again), "B");
     let (_, history) = api_get(&server, &format!("/api/v1/devices/{UDID}/commands")).await;
-    let statuses: Vec<_> = history.as_array().unwrap().iter().map(|c| (c["command_uuid"].clone(), c["status"].clone())).collect();
-    assert_eq!(statuses, [("A".into(), "Acknowledged".into()), ("B".into(), "pending".into())]);
+    let statuses: Vec<_> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["command_uuid"].clone(), c["status"].clone()))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            ("A".into(), "Acknowledged".into()),
+            ("B".into(), "pending".into())
+        ]
+    );
 }
 
 #[actix_rt::test]
@@ -98,14 +126,29 @@ async fn not_now_skips_to_commands_never_answered_not_now_and_retries_them_later
     enqueue(&server, UDID, "B", "ProfileList").await;
     let (_, first) = device.connect(&server, device.idle()).await;
     assert_eq!(command_uuid(&first), "A");
-    let (_, second) = device.connect(&server, device.report("NotNow", Some("A"))).await;
-    assert_eq!(command_uuid(&second), "B", "A was answered NotNow: skipped in this session");
-    let (_, end) = device.connect(&server, device.report("NotNow", Some("B"))).await;
-    assert!(end.is_empty(), "everything answered NotNow: the session ends");
+    let (_, second) = device
+        .connect(&server, device.report("NotNow", Some("A")))
+        .await;
+    assert_eq!(
+        command_uuid(&second),
+        "B",
+        "A was answered NotNow: skipped in this session"
+    );
+    let (_, end) = device
+        .connect(&server, device.report("NotNow", Some("B")))
+        .await;
+    assert!(
+        end.is_empty(),
+        "everything answered NotNow: the session ends"
+    );
     let (_, history) = api_get(&server, &format!("/api/v1/devices/{UDID}/commands")).await;
     assert_eq!(history[0]["status"], "NotNow");
     let (_, retry) = device.connect(&server, device.idle()).await;
-    assert_eq!(command_uuid(&retry), "A", "a later Idle makes NotNow commands eligible again");
+    assert_eq!(
+        command_uuid(&retry),
+        "A",
+        "a later Idle makes NotNow commands eligible again"
+    );
 }
 
 #[actix_rt::test]
@@ -122,11 +165,17 @@ async fn an_error_result_dequeues_the_command_and_records_the_error_chain() {
     let mut chain_item = Dictionary::new();
     chain_item.insert("ErrorCode".into(), plist::Value::Integer(4001.into()));
     chain_item.insert("ErrorDomain".into(), "MCProfileErrorDomain".into());
-    error.insert("ErrorChain".into(), plist::Value::Array(vec![chain_item.into()]));
+    error.insert(
+        "ErrorChain".into(),
+        plist::Value::Array(vec![chain_item.into()]),
+    );
     assert_eq!(device.connect(&server, to_xml(&error)).await, (200, vec![]));
     let (_, history) = api_get(&server, &format!("/api/v1/devices/{UDID}/commands")).await;
     assert_eq!(history[0]["status"], "Error");
-    assert!(history[0]["result"].as_str().unwrap().contains("MCProfileErrorDomain"));
+    assert!(history[0]["result"]
+        .as_str()
+        .unwrap()
+        .contains("MCProfileErrorDomain"));
 }
 
 #[actix_rt::test]
@@ -139,11 +188,17 @@ async fn an_unparseable_result_is_refused_and_parks_the_command_after_repeated_f
     for _ in 0..3 {
         let (_, command) = device.connect(&server, device.idle()).await;
         assert_eq!(command_uuid(&command), "POISON");
-        let (status, _) = device.connect(&server, b"<plist><dict><key>Status".to_vec()).await;
+        let (status, _) = device
+            .connect(&server, b"<plist><dict><key>Status".to_vec())
+            .await;
         assert_eq!(status, 400);
     }
     let (_, command) = device.connect(&server, device.idle()).await;
-    assert_eq!(command_uuid(&command), "AFTER", "the poison command no longer blocks the queue");
+    assert_eq!(
+        command_uuid(&command),
+        "AFTER",
+        "the poison command no longer blocks the queue"
+    );
     let (_, history) = api_get(&server, &format!("/api/v1/devices/{UDID}/commands")).await;
     assert_eq!(history[0]["status"], "parked");
 }
@@ -153,6 +208,8 @@ async fn a_result_for_an_unknown_command_is_stored_and_the_session_continues() {
     let server = Server::start();
     let device = Device::new(&server, UDID);
     device.enroll(&server).await;
-    let (status, body) = device.connect(&server, device.report("Acknowledged", Some("NEVER-QUEUED"))).await;
+    let (status, body) = device
+        .connect(&server, device.report("Acknowledged", Some("NEVER-QUEUED")))
+        .await;
     assert_eq!((status, body), (200, vec![]));
 }

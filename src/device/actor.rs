@@ -11,10 +11,10 @@ use actix::prelude::*;
 use super::messages::*;
 use super::queue::{CommandQueue, Pending};
 use super::{now_millis, now_secs, DeviceError, Registry, UserAuthenticatePolicy};
+use crate::protocol::checkin;
 use crate::protocol::checkin::{Authenticate, CheckinMessage, TokenUpdate};
 use crate::protocol::connect::{ConnectReport, ReportStatus};
 use crate::protocol::ids::Channel;
-use crate::protocol::checkin;
 use crate::push::PushTarget;
 use crate::store::{
     CertFingerprint, CommandResult, EnrollmentRecord, Mutation, PushInfo, QueueEntry, ResultStatus,
@@ -36,7 +36,7 @@ pub struct DeviceActor {
 
 enum State {
     Loading,
-    Ready(Loaded),
+    Ready(Box<Loaded>),
     Failed(DeviceError),
 }
 
@@ -315,7 +315,10 @@ impl DeviceActor {
         })
     }
 
-    fn user_authenticate(&self, digest_response: Option<String>) -> Result<CheckinReply, DeviceError> {
+    fn user_authenticate(
+        &self,
+        digest_response: Option<String>,
+    ) -> Result<CheckinReply, DeviceError> {
         match (self.registry.settings().user_authenticate, digest_response) {
             (UserAuthenticatePolicy::Decline, _) => Err(DeviceError::UserAuthenticateDeclined),
             (UserAuthenticatePolicy::EmptyChallenge, None) => {
@@ -325,7 +328,10 @@ impl DeviceActor {
         }
     }
 
-    fn next_command(&mut self, answering_not_now: bool) -> Result<Option<Arc<StoredCommand>>, DeviceError> {
+    fn next_command(
+        &mut self,
+        answering_not_now: bool,
+    ) -> Result<Option<Arc<StoredCommand>>, DeviceError> {
         let next = self.loaded()?.queue.next(answering_not_now);
         if let Some(pending) = next {
             tracing::debug!(command_uuid = %pending.entry.command_uuid, request_type = %pending.entry.request_type, "sending command");
@@ -333,7 +339,11 @@ impl DeviceActor {
         Ok(next.map(|p| Arc::clone(&p.command)))
     }
 
-    fn connect(&mut self, report: ConnectReport, raw: Arc<[u8]>) -> Reply<Option<Arc<StoredCommand>>> {
+    fn connect(
+        &mut self,
+        report: ConnectReport,
+        raw: Arc<[u8]>,
+    ) -> Reply<Option<Arc<StoredCommand>>> {
         self.see();
         let Some(command_uuid) = report.command_uuid else {
             return self.idle();
@@ -353,7 +363,9 @@ impl DeviceActor {
             ReportStatus::Idle => return self.idle(),
         };
         let result = CommandResult {
-            request_type: pending.as_ref().map_or_else(|| "Unknown".to_string(), |p| p.request_type.clone()),
+            request_type: pending
+                .as_ref()
+                .map_or_else(|| "Unknown".to_string(), |p| p.request_type.clone()),
             command_uuid: command_uuid.clone(),
             status,
             raw: raw.to_vec(),
@@ -401,7 +413,11 @@ impl DeviceActor {
         let stale = self
             .loaded()
             .ok()
-            .and_then(|l| l.record.as_ref().map(|r| r.last_seen - l.persisted_last_seen))
+            .and_then(|l| {
+                l.record
+                    .as_ref()
+                    .map(|r| r.last_seen - l.persisted_last_seen)
+            })
             .is_some_and(|age| age >= LAST_SEEN_FLUSH_SECS);
         match (next, stale) {
             (Ok(next), true) => match self.put_record() {
@@ -422,10 +438,14 @@ impl DeviceActor {
     fn push_target(&mut self) -> Result<PushTarget, DeviceError> {
         let record = self.record()?;
         if !record.enabled {
-            return Err(DeviceError::NotPushable("enrollment is disabled (checked out or awaiting its first TokenUpdate)"));
+            return Err(DeviceError::NotPushable(
+                "enrollment is disabled (checked out or awaiting its first TokenUpdate)",
+            ));
         }
         if !record.push_token_valid {
-            return Err(DeviceError::NotPushable("APNs reported the push token invalid"));
+            return Err(DeviceError::NotPushable(
+                "APNs reported the push token invalid",
+            ));
         }
         let push = record
             .push
@@ -452,7 +472,9 @@ impl DeviceActor {
                         command: registry.intern_body(body),
                         entry,
                     }),
-                    None => tracing::error!(enrollment_id = %id, command_uuid = %entry.command_uuid, "queued command has no body; skipped"),
+                    None => {
+                        tracing::error!(enrollment_id = %id, command_uuid = %entry.command_uuid, "queued command has no body; skipped")
+                    }
                 }
             }
             Ok::<_, crate::store::StoreError>((record, CommandQueue::from_pending(pending)))
@@ -460,11 +482,11 @@ impl DeviceActor {
         ctx.wait(load.into_actor(self).map(|loaded, act, ctx| match loaded {
             Ok((record, queue)) => {
                 metrics::gauge!("orchard_queue_depth").increment(queue.len() as f64);
-                act.state = State::Ready(Loaded {
+                act.state = State::Ready(Box::new(Loaded {
                     persisted_last_seen: record.as_ref().map_or(0, |r| r.last_seen),
                     record,
                     queue,
-                });
+                }));
             }
             Err(e) => {
                 tracing::error!(enrollment_id = %act.id, error = %e, "could not load device state");
@@ -486,7 +508,11 @@ impl DeviceActor {
         let dirty = self
             .loaded()
             .ok()
-            .and_then(|l| l.record.as_ref().map(|r| r.last_seen != l.persisted_last_seen))
+            .and_then(|l| {
+                l.record
+                    .as_ref()
+                    .map(|r| r.last_seen != l.persisted_last_seen)
+            })
             .unwrap_or(false);
         match self.put_record() {
             Ok(put) if dirty => {
@@ -542,8 +568,12 @@ impl Handler<HandleCheckin> for DeviceActor {
         let HandleCheckin { checkin, caller } = msg;
         if let CheckinMessage::Authenticate(message) = checkin.message {
             return match caller {
-                Caller::Certificate(fingerprint) => self.authenticate(checkin.channel, message, fingerprint),
-                Caller::VouchedByDevice => Self::immediate(Err(DeviceError::DeviceChannelOnly("Authenticate"))),
+                Caller::Certificate(fingerprint) => {
+                    self.authenticate(checkin.channel, message, fingerprint)
+                }
+                Caller::VouchedByDevice => {
+                    Self::immediate(Err(DeviceError::DeviceChannelOnly("Authenticate")))
+                }
             };
         }
         let first_user_token_update = matches!(checkin.message, CheckinMessage::TokenUpdate(_))
@@ -562,7 +592,9 @@ impl Handler<HandleCheckin> for DeviceActor {
             CheckinMessage::SetBootstrapToken(message) => {
                 self.set_bootstrap_token(&channel, message.token, message.awaiting_configuration)
             }
-            CheckinMessage::GetBootstrapToken(_) => Self::immediate(self.get_bootstrap_token(&channel)),
+            CheckinMessage::GetBootstrapToken(_) => {
+                Self::immediate(self.get_bootstrap_token(&channel))
+            }
             CheckinMessage::UserAuthenticate(message) => {
                 Self::immediate(self.user_authenticate(message.digest_response))
             }
@@ -593,7 +625,10 @@ impl Handler<UnparseableResult> for DeviceActor {
 
     fn handle(&mut self, _: UnparseableResult, _: &mut Context<Self>) -> Self::Result {
         self.touch();
-        let entry = self.loaded().ok().and_then(|l| l.queue.mark_unparseable_result());
+        let entry = self
+            .loaded()
+            .ok()
+            .and_then(|l| l.queue.mark_unparseable_result());
         match entry {
             Some(entry) => {
                 if entry.parked {
@@ -685,7 +720,12 @@ impl Handler<Snapshot> for DeviceActor {
     fn handle(&mut self, _: Snapshot, _: &mut Context<Self>) -> Self::Result {
         self.touch();
         let record = self.record()?.clone();
-        let pending = self.loaded()?.queue.iter().map(|p| p.entry.clone()).collect();
+        let pending = self
+            .loaded()?
+            .queue
+            .iter()
+            .map(|p| p.entry.clone())
+            .collect();
         Ok(DeviceSnapshot { record, pending })
     }
 }
@@ -704,7 +744,11 @@ impl Handler<ResetForReenrollment> for DeviceActor {
 impl Handler<RegisterUserChannel> for DeviceActor {
     type Result = Reply<()>;
 
-    fn handle(&mut self, RegisterUserChannel(user_channel): RegisterUserChannel, _: &mut Context<Self>) -> Self::Result {
+    fn handle(
+        &mut self,
+        RegisterUserChannel(user_channel): RegisterUserChannel,
+        _: &mut Context<Self>,
+    ) -> Self::Result {
         self.touch();
         match self.record() {
             Ok(record) if !record.user_channels.contains(&user_channel) => {

@@ -198,7 +198,11 @@ impl Registry {
 
     /// Share one allocation per command body among resident queues.
     pub(crate) fn intern_body(&self, command: StoredCommand) -> Arc<StoredCommand> {
-        if let Some(existing) = self.bodies.get(&command.command_uuid).and_then(|w| w.upgrade()) {
+        if let Some(existing) = self
+            .bodies
+            .get(&command.command_uuid)
+            .and_then(|w| w.upgrade())
+        {
             return existing;
         }
         let shared = Arc::new(command);

@@ -115,7 +115,7 @@ impl CommandQueue {
         let next = self
             .pending
             .iter()
-            .find(|p| !p.entry.parked && !(answering_not_now && p.entry.not_now_count > 0))?;
+            .find(|p| sendable(&p.entry, answering_not_now))?;
         self.in_flight = Some(next.entry.seq);
         Some(next)
     }
@@ -130,6 +130,12 @@ impl CommandQueue {
             .iter()
             .position(|p| p.entry.command_uuid == command_uuid)
     }
+}
+
+/// Parked commands are never sent; NotNow'd ones are skipped while answering a NotNow.
+fn sendable(entry: &QueueEntry, answering_not_now: bool) -> bool {
+    let skipped_for_not_now = answering_not_now && entry.not_now_count > 0;
+    !entry.parked && !skipped_for_not_now
 }
 
 fn delivery_order(a: &QueueEntry, b: &QueueEntry) -> std::cmp::Ordering {
@@ -201,7 +207,11 @@ mod tests {
         q.mark_not_now("a", 100);
         assert_eq!(next_uuid(&mut q, true).as_deref(), Some("b"));
         q.mark_not_now("b", 101);
-        assert_eq!(next_uuid(&mut q, true), None, "session ends: nothing new to offer");
+        assert_eq!(
+            next_uuid(&mut q, true),
+            None,
+            "session ends: nothing new to offer"
+        );
     }
 
     #[test]

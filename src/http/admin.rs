@@ -31,7 +31,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .route("/devices/{id}", web::get().to(get_device))
     .route("/devices/{id}/commands", web::get().to(device_commands))
     .route("/devices/{id}/commands", web::post().to(enqueue_for_device))
-    .route("/devices/{id}/commands/{uuid}", web::delete().to(cancel_command))
+    .route(
+        "/devices/{id}/commands/{uuid}",
+        web::delete().to(cancel_command),
+    )
     .route("/commands", web::post().to(enqueue_bulk))
     .route("/command-templates", web::get().to(templates));
 }
@@ -57,13 +60,22 @@ struct ListQuery {
 }
 
 /// `GET /api/v1/devices?after=&limit=`: enrollment ids in order, paginated.
-async fn list_devices(query: web::Query<ListQuery>, state: web::Data<AppState>) -> Result<HttpResponse, Rejection> {
+async fn list_devices(
+    query: web::Query<ListQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
     let limit = query.limit.unwrap_or(1000).clamp(1, 10_000);
     let ids = state
         .store
         .enrollment_ids(query.after.as_deref(), limit)
         .await
-        .map_err(|e| Rejection::api(StatusCode::SERVICE_UNAVAILABLE, "store_failure", e.to_string()))?;
+        .map_err(|e| {
+            Rejection::api(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_failure",
+                e.to_string(),
+            )
+        })?;
     let next = (ids.len() == limit).then(|| ids.last().cloned()).flatten();
     Ok(HttpResponse::Ok().json(serde_json::json!({ "devices": ids, "next": next })))
 }
@@ -73,7 +85,10 @@ async fn snapshot(state: &AppState, id: &str) -> Result<DeviceSnapshot, Rejectio
 }
 
 /// `GET /api/v1/devices/{id}`.
-async fn get_device(id: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, Rejection> {
+async fn get_device(
+    id: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
     let DeviceSnapshot { record, pending } = snapshot(&state, &id).await?;
     let device_info: BTreeMap<_, _> = record.device_info.iter().cloned().collect();
     Ok(HttpResponse::Ok().json(serde_json::json!({
@@ -128,17 +143,28 @@ fn pending_view(entry: &QueueEntry) -> CommandView {
 }
 
 /// `GET /api/v1/devices/{id}/commands`: pending commands and stored results, oldest first.
-async fn device_commands(id: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, Rejection> {
+async fn device_commands(
+    id: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
     let DeviceSnapshot { pending, .. } = snapshot(&state, &id).await?;
-    let results = state
-        .store
-        .results(&id, 1000)
-        .await
-        .map_err(|e| Rejection::api(StatusCode::SERVICE_UNAVAILABLE, "store_failure", e.to_string()))?;
+    let results = state.store.results(&id, 1000).await.map_err(|e| {
+        Rejection::api(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_failure",
+            e.to_string(),
+        )
+    })?;
     let mut views: Vec<CommandView> = pending.iter().map(pending_view).collect();
     for result in results {
-        if pending.iter().any(|p| p.command_uuid == result.command_uuid) {
-            if let Some(view) = views.iter_mut().find(|v| v.command_uuid == result.command_uuid) {
+        if pending
+            .iter()
+            .any(|p| p.command_uuid == result.command_uuid)
+        {
+            if let Some(view) = views
+                .iter_mut()
+                .find(|v| v.command_uuid == result.command_uuid)
+            {
                 view.result = Some(String::from_utf8_lossy(&result.raw).into_owned());
             }
             continue;
@@ -177,9 +203,8 @@ struct BulkTemplateRequest {
 }
 
 fn build_from_template(request: &TemplateRequest) -> Result<StoredCommand, Rejection> {
-    let command = schema::build_command(&request.request_type, &request.params).map_err(|e| {
-        Rejection::api(StatusCode::BAD_REQUEST, "invalid_command", e.to_string())
-    })?;
+    let command = schema::build_command(&request.request_type, &request.params)
+        .map_err(|e| Rejection::api(StatusCode::BAD_REQUEST, "invalid_command", e.to_string()))?;
     let command_uuid = match &request.command_uuid {
         Some(uuid) => {
             crate::protocol::ids::validate_identifier("command_uuid", uuid)
@@ -195,7 +220,11 @@ fn build_from_template(request: &TemplateRequest) -> Result<StoredCommand, Rejec
     })
 }
 
-async fn deliver(state: &AppState, ids: &[String], request: &TemplateRequest) -> Result<(StoredCommand, Vec<Delivery>), Rejection> {
+async fn deliver(
+    state: &AppState,
+    ids: &[String],
+    request: &TemplateRequest,
+) -> Result<(StoredCommand, Vec<Delivery>), Rejection> {
     let command = build_from_template(request)?;
     let deliveries = commands::enqueue(
         &state.registry,
@@ -207,7 +236,13 @@ async fn deliver(state: &AppState, ids: &[String], request: &TemplateRequest) ->
         !request.no_push,
     )
     .await
-    .map_err(|e| Rejection::api(StatusCode::SERVICE_UNAVAILABLE, "store_failure", e.to_string()))?;
+    .map_err(|e| {
+        Rejection::api(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_failure",
+            e.to_string(),
+        )
+    })?;
     Ok((command, deliveries))
 }
 
@@ -243,9 +278,16 @@ async fn enqueue_for_device(
 }
 
 /// `POST /api/v1/commands`: one template command for many enrollments (`targets`).
-async fn enqueue_bulk(request: web::Json<BulkTemplateRequest>, state: web::Data<AppState>) -> Result<HttpResponse, Rejection> {
+async fn enqueue_bulk(
+    request: web::Json<BulkTemplateRequest>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
     if request.targets.is_empty() {
-        return Err(Rejection::api(StatusCode::BAD_REQUEST, "no_ids", "targets is empty"));
+        return Err(Rejection::api(
+            StatusCode::BAD_REQUEST,
+            "no_ids",
+            "targets is empty",
+        ));
     }
     let (command, deliveries) = deliver(&state, &request.targets, &request.command).await?;
     let results: serde_json::Map<String, serde_json::Value> = deliveries
@@ -263,11 +305,19 @@ async fn enqueue_bulk(request: web::Json<BulkTemplateRequest>, state: web::Data<
 }
 
 /// `DELETE /api/v1/devices/{id}/commands/{uuid}`: cancel a command not yet answered.
-async fn cancel_command(path: web::Path<(String, String)>, state: web::Data<AppState>) -> Result<HttpResponse, Rejection> {
+async fn cancel_command(
+    path: web::Path<(String, String)>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
     let (id, command_uuid) = path.into_inner();
     let cancelled = state
         .registry
-        .call(&id, Cancel { command_uuid: command_uuid.clone() })
+        .call(
+            &id,
+            Cancel {
+                command_uuid: command_uuid.clone(),
+            },
+        )
         .await
         .map_err(api_error)?;
     if cancelled {

@@ -45,7 +45,9 @@ fn presented_key(authorization: &str) -> Option<String> {
                 .decode(value.trim())
                 .ok()?;
             let credentials = String::from_utf8(decoded).ok()?;
-            credentials.split_once(':').map(|(_, password)| password.to_string())
+            credentials
+                .split_once(':')
+                .map(|(_, password)| password.to_string())
         }
         _ => None,
     }

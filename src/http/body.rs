@@ -38,13 +38,15 @@ pub async fn read_limited(
         }
         Ok(body.freeze())
     };
-    tokio::time::timeout(deadline, read).await.unwrap_or_else(|_| {
-        Err(Rejection::device(
-            StatusCode::REQUEST_TIMEOUT,
-            "body_timeout",
-            format!("request body not received within {}s", deadline.as_secs()),
-        ))
-    })
+    tokio::time::timeout(deadline, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Rejection::device(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!("request body not received within {}s", deadline.as_secs()),
+            ))
+        })
 }
 
 fn too_large(limit: usize) -> Rejection {

@@ -10,7 +10,9 @@ use super::body::read_limited;
 use super::identity::device_identity;
 use super::rejection::Rejection;
 use super::AppState;
-use crate::device::messages::{Authorize, Caller, CheckinReply, HandleCheckin, HandleConnect, UnparseableResult};
+use crate::device::messages::{
+    Authorize, Caller, CheckinReply, HandleCheckin, HandleConnect, UnparseableResult,
+};
 use crate::identity::CertFingerprint;
 use crate::protocol::checkin::decode_checkin;
 use crate::protocol::connect::decode_connect;
@@ -49,7 +51,9 @@ pub async fn checkin_only(
         return Err(Rejection::device(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "wrong_content_type",
-            format!("/checkin takes Content-Type {CHECKIN_CONTENT_TYPE}; connect reports go to /mdm"),
+            format!(
+                "/checkin takes Content-Type {CHECKIN_CONTENT_TYPE}; connect reports go to /mdm"
+            ),
         ));
     }
     let body = read_device_body(&req, payload, &state).await?;
@@ -88,7 +92,11 @@ async fn caller_for(
     Ok(Caller::VouchedByDevice)
 }
 
-async fn checkin(req: &HttpRequest, body: &[u8], state: &AppState) -> Result<HttpResponse, Rejection> {
+async fn checkin(
+    req: &HttpRequest,
+    body: &[u8],
+    state: &AppState,
+) -> Result<HttpResponse, Rejection> {
     let started = Instant::now();
     let fingerprint = device_identity(req, body, state)?;
     let checkin = decode_checkin(body).map_err(Rejection::protocol)?;
@@ -102,17 +110,24 @@ async fn checkin(req: &HttpRequest, body: &[u8], state: &AppState) -> Result<Htt
         .call(&id, HandleCheckin { checkin, caller })
         .await
         .map_err(Rejection::from_device)?;
-    metrics::counter!("orchard_checkin_messages_total", "message_type" => message_type).increment(1);
+    metrics::counter!("orchard_checkin_messages_total", "message_type" => message_type)
+        .increment(1);
     metrics::histogram!("orchard_checkin_duration_seconds", "message_type" => message_type)
         .record(started.elapsed().as_secs_f64());
     tracing::debug!("check-in handled");
     Ok(match reply {
         CheckinReply::Accepted => HttpResponse::Ok().finish(),
-        CheckinReply::Plist(plist) => HttpResponse::Ok().content_type("application/xml").body(plist),
+        CheckinReply::Plist(plist) => HttpResponse::Ok()
+            .content_type("application/xml")
+            .body(plist),
     })
 }
 
-async fn connect(req: &HttpRequest, body: web::Bytes, state: &AppState) -> Result<HttpResponse, Rejection> {
+async fn connect(
+    req: &HttpRequest,
+    body: web::Bytes,
+    state: &AppState,
+) -> Result<HttpResponse, Rejection> {
     let started = Instant::now();
     let fingerprint = device_identity(req, &body, state)?;
     let report = match decode_connect(&body) {

@@ -101,7 +101,9 @@ async fn record_request(
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let started = Instant::now();
-    let endpoint = req.match_pattern().unwrap_or_else(|| "unmatched".to_string());
+    let endpoint = req
+        .match_pattern()
+        .unwrap_or_else(|| "unmatched".to_string());
     let method = req.method().to_string();
     let response = next.call(req).await?;
     let status = response.status().as_u16().to_string();
@@ -112,7 +114,8 @@ async fn record_request(
 }
 
 async fn render_metrics(state: web::Data<AppState>) -> HttpResponse {
-    metrics::gauge!("orchard_resident_actors_registered").set(state.registry.resident_count() as f64);
+    metrics::gauge!("orchard_resident_actors_registered")
+        .set(state.registry.resident_count() as f64);
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(state.metrics.render())
@@ -125,7 +128,9 @@ async fn healthz() -> HttpResponse {
 /// Ready when the store answers a read.
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     match state.store.enrollment_ids(None, 1).await {
-        Ok(_) => HttpResponse::Ok().content_type("text/plain").body("ready\n"),
+        Ok(_) => HttpResponse::Ok()
+            .content_type("text/plain")
+            .body("ready\n"),
         Err(e) => HttpResponse::ServiceUnavailable()
             .content_type("text/plain")
             .body(format!("store unavailable: {e}\n")),

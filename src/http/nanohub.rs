@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
 use super::body::read_limited;
@@ -24,8 +24,25 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/nanomdm/push/{ids}", web::post().to(push));
 }
 
-/// Comma-separated enrollment ids from a route; empty entries are ignored.
-pub(super) fn split_ids(ids: &str) -> Result<Vec<String>, Rejection> {
+/// Comma-separated enrollment ids from the last path segment; empty entries are ignored.
+/// A segment too long for a URI (10,000 UDIDs run to ~370 KB) arrives aside from the URI.
+fn route_ids(req: &HttpRequest, segment: &str) -> Result<Vec<String>, Rejection> {
+    if segment != actix_http::LONG_PATH_SEGMENT_MARKER {
+        return split_ids(segment);
+    }
+    let long = req
+        .extensions()
+        .get::<actix_http::LongPathSegment>()
+        .map(|s| {
+            percent_encoding::percent_decode_str(&s.0)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default();
+    split_ids(&long)
+}
+
+fn split_ids(ids: &str) -> Result<Vec<String>, Rejection> {
     let ids: Vec<String> = ids
         .split(',')
         .map(str::trim)
@@ -33,7 +50,11 @@ pub(super) fn split_ids(ids: &str) -> Result<Vec<String>, Rejection> {
         .map(str::to_string)
         .collect();
     if ids.is_empty() {
-        return Err(Rejection::api(StatusCode::BAD_REQUEST, "no_ids", "no enrollment ids given"));
+        return Err(Rejection::api(
+            StatusCode::BAD_REQUEST,
+            "no_ids",
+            "no enrollment ids given",
+        ));
     }
     Ok(ids)
 }
@@ -56,7 +77,10 @@ impl From<&PushCertRecord> for PushCertResponse {
 pub(super) fn rfc3339(unix_secs: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix_secs)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }
 
@@ -66,12 +90,16 @@ async fn upload_push_cert(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Rejection> {
-    let body = read_limited(&req, payload, state.settings.max_body_bytes, state.settings.body_timeout)
-        .await
-        .map_err(Rejection::for_api)?;
-    let cert = PushCertificate::from_pem(&body).map_err(|e| {
-        Rejection::api(StatusCode::BAD_REQUEST, e.reason(), e.to_string())
-    })?;
+    let body = read_limited(
+        &req,
+        payload,
+        state.settings.max_body_bytes,
+        state.settings.body_timeout,
+    )
+    .await
+    .map_err(Rejection::for_api)?;
+    let cert = PushCertificate::from_pem(&body)
+        .map_err(|e| Rejection::api(StatusCode::BAD_REQUEST, e.reason(), e.to_string()))?;
     let record = PushCertRecord {
         topic: cert.topic.clone(),
         cert_pem: cert.cert_pem.clone(),
@@ -83,7 +111,13 @@ async fn upload_push_cert(
         .store
         .apply(vec![Mutation::PutPushCert(record.clone())])
         .await
-        .map_err(|e| Rejection::api(StatusCode::SERVICE_UNAVAILABLE, "store_failure", e.to_string()))?;
+        .map_err(|e| {
+            Rejection::api(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_failure",
+                e.to_string(),
+            )
+        })?;
     metrics::gauge!("orchard_push_cert_expiry_seconds", "topic" => record.topic.clone())
         .set(record.not_after as f64);
     tracing::info!(topic = %record.topic, "push certificate stored");
@@ -100,18 +134,26 @@ async fn get_push_cert(
     query: web::Query<TopicQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Rejection> {
-    let certs = state
-        .store
-        .push_certs()
-        .await
-        .map_err(|e| Rejection::api(StatusCode::SERVICE_UNAVAILABLE, "store_failure", e.to_string()))?;
+    let certs = state.store.push_certs().await.map_err(|e| {
+        Rejection::api(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_failure",
+            e.to_string(),
+        )
+    })?;
     let found = match &query.topic {
         Some(topic) => certs.iter().find(|c| &c.topic == topic),
         None => certs.iter().max_by_key(|c| c.uploaded_at),
     };
     found
         .map(|record| HttpResponse::Ok().json(PushCertResponse::from(record)))
-        .ok_or_else(|| Rejection::api(StatusCode::NOT_FOUND, "unknown_topic", "no push certificate for that topic"))
+        .ok_or_else(|| {
+            Rejection::api(
+                StatusCode::NOT_FOUND,
+                "unknown_topic",
+                "no push certificate for that topic",
+            )
+        })
 }
 
 #[derive(Deserialize)]
@@ -166,20 +208,42 @@ async fn enqueue(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Rejection> {
-    let ids = split_ids(&ids)?;
-    let body = read_limited(&req, payload, state.settings.max_body_bytes, state.settings.body_timeout)
-        .await
-        .map_err(Rejection::for_api)?;
+    let ids = route_ids(&req, &ids)?;
+    let body = read_limited(
+        &req,
+        payload,
+        state.settings.max_body_bytes,
+        state.settings.body_timeout,
+    )
+    .await
+    .map_err(Rejection::for_api)?;
     let info = inspect_command(&body).map_err(|e| Rejection::protocol(e).for_api())?;
-    let no_push = query.nopush.as_deref().is_some_and(|v| !v.is_empty() && v != "0");
+    let no_push = query
+        .nopush
+        .as_deref()
+        .is_some_and(|v| !v.is_empty() && v != "0");
     let command = StoredCommand {
         command_uuid: info.command_uuid.clone(),
         request_type: info.request_type.clone(),
         body: body.to_vec(),
     };
-    let deliveries = commands::enqueue(&state.registry, &*state.store, &*state.push, &ids, command, 0, !no_push)
-        .await
-        .map_err(|e| Rejection::api(StatusCode::SERVICE_UNAVAILABLE, "store_failure", e.to_string()))?;
+    let deliveries = commands::enqueue(
+        &state.registry,
+        &*state.store,
+        &*state.push,
+        &ids,
+        command,
+        0,
+        !no_push,
+    )
+    .await
+    .map_err(|e| {
+        Rejection::api(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_failure",
+            e.to_string(),
+        )
+    })?;
     let status = enqueue_status(&deliveries);
     let failed = deliveries.iter().filter(|d| d.queued.is_err()).count();
     let response = EnqueueResponse {
@@ -188,7 +252,12 @@ async fn enqueue(
             .filter_map(|d| per_id_result(d).map(|r| (d.enrollment_id.clone(), r)))
             .collect(),
         no_push,
-        command_error: (failed > 0).then(|| format!("{failed} of {} enrollments could not queue the command", deliveries.len())),
+        command_error: (failed > 0).then(|| {
+            format!(
+                "{failed} of {} enrollments could not queue the command",
+                deliveries.len()
+            )
+        }),
         push_error: None,
         command_uuid: info.command_uuid,
         request_type: info.request_type,
@@ -214,10 +283,12 @@ fn enqueue_status(deliveries: &[Delivery]) -> StatusCode {
         StatusCode::OK
     } else if queued > 0 {
         StatusCode::MULTI_STATUS
-    } else if deliveries
-        .iter()
-        .all(|d| matches!(d.queued, Err(crate::device::DeviceError::UnknownEnrollment(_))))
-    {
+    } else if deliveries.iter().all(|d| {
+        matches!(
+            d.queued,
+            Err(crate::device::DeviceError::UnknownEnrollment(_))
+        )
+    }) {
         StatusCode::NOT_FOUND
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -230,8 +301,12 @@ struct PushResponse {
 }
 
 /// `GET|POST /api/v1/nanomdm/push/{id,...}`: answers once every push has an outcome.
-async fn push(ids: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, Rejection> {
-    let ids = split_ids(&ids)?;
+async fn push(
+    req: HttpRequest,
+    ids: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    let ids = route_ids(&req, &ids)?;
     let outcomes = commands::push_enrollments(&state.registry, &*state.push, &ids).await;
     let failed = outcomes
         .iter()

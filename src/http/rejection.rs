@@ -70,9 +70,10 @@ impl Rejection {
             EnrollError::NoServerUrl => (StatusCode::CONFLICT, "no_server_url"),
             EnrollError::NoPushCertificate => (StatusCode::CONFLICT, "no_push_certificate"),
             EnrollError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_failure"),
-            EnrollError::Identity(_) | EnrollError::InvalidProfile(_) => {
-                (StatusCode::INTERNAL_SERVER_ERROR, "profile_generation_failed")
-            }
+            EnrollError::Identity(_) | EnrollError::InvalidProfile(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "profile_generation_failed",
+            ),
         };
         Rejection::device(status, reason, e.to_string())
     }

@@ -48,10 +48,7 @@ pub fn server_config(
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = DeviceCertificateRequest {
-        hints: identity_anchors
-            .iter()
-            .filter_map(subject_of)
-            .collect(),
+        hints: identity_anchors.iter().filter_map(subject_of).collect(),
         algorithms: provider.signature_verification_algorithms,
     };
     let mut config = ServerConfig::builder_with_provider(provider)

@@ -205,9 +205,18 @@ mod tests {
     #[test]
     fn a_device_id_containing_a_colon_is_refused_so_it_cannot_pose_as_a_user_channel() {
         let err = resolve_channel(&keys([("UDID", "X:Y")])).unwrap_err();
-        assert!(matches!(err, ProtocolError::InvalidIdentifier { key: "UDID", .. }));
+        assert!(matches!(
+            err,
+            ProtocolError::InvalidIdentifier { key: "UDID", .. }
+        ));
         let err = resolve_channel(&keys([("EnrollmentID", "A:B")])).unwrap_err();
-        assert!(matches!(err, ProtocolError::InvalidIdentifier { key: "EnrollmentID", .. }));
+        assert!(matches!(
+            err,
+            ProtocolError::InvalidIdentifier {
+                key: "EnrollmentID",
+                ..
+            }
+        ));
     }
 
     #[test]

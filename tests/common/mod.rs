@@ -19,8 +19,12 @@ pub const CHECKIN: &str = "application/x-apple-aspen-mdm-checkin";
 pub const CONNECT: &str = "application/x-apple-aspen-mdm";
 
 pub fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name))
-        .unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name),
+    )
+    .unwrap_or_else(|e| panic!("fixture {name}: {e}"))
 }
 
 pub fn fixture_dict(name: &str) -> Dictionary {
@@ -29,7 +33,9 @@ pub fn fixture_dict(name: &str) -> Dictionary {
 
 pub fn to_xml(dict: &Dictionary) -> Vec<u8> {
     let mut out = Vec::new();
-    Value::Dictionary(dict.clone()).to_writer_xml(&mut out).unwrap();
+    Value::Dictionary(dict.clone())
+        .to_writer_xml(&mut out)
+        .unwrap();
     out
 }
 
@@ -128,8 +134,18 @@ pub fn client() -> awc::Client {
         .finish()
 }
 
-pub async fn body_of(mut response: awc::ClientResponse<impl futures_util::Stream<Item = Result<actix_web::web::Bytes, awc::error::PayloadError>> + Unpin>) -> Vec<u8> {
-    response.body().limit(64 * 1024 * 1024).await.unwrap().to_vec()
+pub async fn body_of(
+    mut response: awc::ClientResponse<
+        impl futures_util::Stream<Item = Result<actix_web::web::Bytes, awc::error::PayloadError>>
+            + Unpin,
+    >,
+) -> Vec<u8> {
+    response
+        .body()
+        .limit(64 * 1024 * 1024)
+        .await
+        .unwrap()
+        .to_vec()
 }
 
 /// A device with its own identity from the server's CA.
@@ -189,7 +205,13 @@ impl Device {
         self.put(server, "/mdm", CONNECT, body).await
     }
 
-    pub async fn put(&self, server: &Server, path: &str, content_type: &str, body: Vec<u8>) -> (u16, Vec<u8>) {
+    pub async fn put(
+        &self,
+        server: &Server,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> (u16, Vec<u8>) {
         let response = client()
             .put(server.url(path))
             .insert_header(("Content-Type", content_type))
@@ -216,7 +238,9 @@ impl Device {
         while !body.is_empty() {
             let command: Dictionary = plist::from_bytes(&body).unwrap();
             let uuid = command["CommandUUID"].as_string().unwrap().to_string();
-            let (status, next) = self.connect(server, self.report("Acknowledged", Some(&uuid))).await;
+            let (status, next) = self
+                .connect(server, self.report("Acknowledged", Some(&uuid)))
+                .await;
             assert_eq!(status, 200);
             received.push(uuid);
             body = next;
@@ -246,11 +270,20 @@ pub async fn api_put(server: &Server, path: &str, body: Vec<u8>) -> (u16, serde_
 }
 
 pub async fn api_get(server: &Server, path: &str) -> (u16, serde_json::Value) {
-    let response = client().get(server.url(path)).bearer_auth(API_KEY).send().await.unwrap();
+    let response = client()
+        .get(server.url(path))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap();
     json_of(response).await
 }
 
-pub async fn api_post_json(server: &Server, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+pub async fn api_post_json(
+    server: &Server,
+    path: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
     let response = client()
         .post(server.url(path))
         .bearer_auth(API_KEY)
@@ -260,19 +293,35 @@ pub async fn api_post_json(server: &Server, path: &str, body: serde_json::Value)
     json_of(response).await
 }
 
-async fn json_of(response: awc::ClientResponse<impl futures_util::Stream<Item = Result<actix_web::web::Bytes, awc::error::PayloadError>> + Unpin>) -> (u16, serde_json::Value) {
+async fn json_of(
+    response: awc::ClientResponse<
+        impl futures_util::Stream<Item = Result<actix_web::web::Bytes, awc::error::PayloadError>>
+            + Unpin,
+    >,
+) -> (u16, serde_json::Value) {
     let status = response.status().as_u16();
     let body = body_of(response).await;
     let json = if body.is_empty() {
         serde_json::Value::Null
     } else {
-        serde_json::from_slice(&body).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&body).into()))
+        serde_json::from_slice(&body)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&body).into()))
     };
     (status, json)
 }
 
-pub async fn enqueue(server: &Server, ids: &str, uuid: &str, request_type: &str) -> (u16, serde_json::Value) {
-    api_put(server, &format!("/api/v1/nanomdm/enqueue/{ids}?nopush=1"), command_plist(uuid, request_type)).await
+pub async fn enqueue(
+    server: &Server,
+    ids: &str,
+    uuid: &str,
+    request_type: &str,
+) -> (u16, serde_json::Value) {
+    api_put(
+        server,
+        &format!("/api/v1/nanomdm/enqueue/{ids}?nopush=1"),
+        command_plist(uuid, request_type),
+    )
+    .await
 }
 
 /// An APNs MDM push certificate + key (PEM), topic in the subject UID as Apple issues it.
@@ -291,7 +340,12 @@ pub fn push_certificate_pem(topic: &str) -> String {
 }
 
 pub async fn upload_push_cert(server: &Server) {
-    let (status, body) = api_put(server, "/api/v1/nanomdm/pushcert", push_certificate_pem(TOPIC).into_bytes()).await;
+    let (status, body) = api_put(
+        server,
+        "/api/v1/nanomdm/pushcert",
+        push_certificate_pem(TOPIC).into_bytes(),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["topic"], TOPIC);
 }

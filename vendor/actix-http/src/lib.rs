@@ -61,6 +61,14 @@ pub mod ws;
 pub use self::payload::PayloadStream;
 #[cfg(feature = "__tls")]
 pub use self::service::TlsAcceptorConfig;
+/// Orchard: stands in the URI for a last path segment too long for `http::Uri`; the
+/// segment itself is in the request extensions as [`LongPathSegment`].
+pub const LONG_PATH_SEGMENT_MARKER: &str = "~long-path-segment~";
+
+/// Orchard: the last path segment of a request target longer than `http::Uri` allows.
+#[derive(Debug, Clone)]
+pub struct LongPathSegment(pub String);
+
 pub use self::{
     builder::HttpServiceBuilder,
     config::{ServiceConfig, ServiceConfigBuilder},

@@ -11,6 +11,28 @@ use tracing::{debug, error, trace};
 use super::chunked::ChunkedState;
 use crate::{error::ParseError, header::HeaderMap, ConnectionType, Request, ResponseHead};
 
+/// Orchard: `http::Uri` cannot hold a request target longer than this.
+const MAX_URI_LEN: usize = u16::MAX as usize - 1;
+
+/// Orchard: parse the request target; one too long for `http::Uri` keeps its last path
+/// segment aside (replaced by [`crate::LONG_PATH_SEGMENT_MARKER`]) so that routes taking
+/// long comma-separated id lists still work.
+fn parse_request_target(path: &str) -> Result<(Uri, Option<String>), ParseError> {
+    if path.len() <= MAX_URI_LEN {
+        return Ok((Uri::try_from(path)?, None));
+    }
+    let query_start = path.find('?').unwrap_or(path.len());
+    let segment_start = path[..query_start].rfind('/').map_or(0, |slash| slash + 1);
+    let shortened = format!(
+        "{}{}{}",
+        &path[..segment_start],
+        crate::LONG_PATH_SEGMENT_MARKER,
+        &path[query_start..]
+    );
+    let uri = Uri::try_from(shortened)?;
+    Ok((uri, Some(path[segment_start..query_start].to_owned())))
+}
+
 /// Orchard: raised from 128 KiB so that a request line can carry 10,000 comma-separated
 /// enrollment ids (NanoHUB-compatible enqueue/push routes accept URLs up to 1 MiB).
 pub(crate) const MAX_BUFFER_SIZE: usize = 1_179_648;
@@ -262,7 +284,7 @@ impl MessageType for Request {
     fn decode(src: &mut BytesMut) -> Result<Option<(Self, PayloadType)>, ParseError> {
         let mut headers: [HeaderIndex; MAX_HEADERS] = EMPTY_HEADER_INDEX_ARRAY;
 
-        let (len, method, uri, ver, h_len) = {
+        let (len, method, uri, ver, h_len, long_segment) = {
             // SAFETY:
             // Create an uninitialized array of `MaybeUninit`. The `assume_init` is safe because the
             // type we are claiming to have initialized here is a bunch of `MaybeUninit`s, which
@@ -278,7 +300,7 @@ impl MessageType for Request {
                 httparse::Status::Complete(len) => {
                     let method = Method::from_bytes(req.method.unwrap().as_bytes())
                         .map_err(|_| ParseError::Method)?;
-                    let uri = Uri::try_from(req.path.unwrap())?;
+                    let (uri, long_segment) = parse_request_target(req.path.unwrap())?;
                     let version = if req.version.unwrap() == 1 {
                         Version::HTTP_11
                     } else {
@@ -286,7 +308,7 @@ impl MessageType for Request {
                     };
                     HeaderIndex::record(src, req.headers, &mut headers);
 
-                    (len, method, uri, version, req.headers.len())
+                    (len, method, uri, version, req.headers.len(), long_segment)
                 }
 
                 httparse::Status::Partial => {
@@ -302,6 +324,9 @@ impl MessageType for Request {
         };
 
         let mut msg = Request::new();
+        if let Some(segment) = long_segment {
+            msg.extensions.get_mut().insert(crate::LongPathSegment(segment));
+        }
 
         // convert headers
         let mut length = msg.set_headers(&src.split_to(len).freeze(), &headers[..h_len], ver)?;
