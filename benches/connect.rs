@@ -19,7 +19,11 @@ use orchard::store::StoredCommand;
 const UDID: &str = "66ADE930-5FDF-5EC4-8429-15640684C489";
 
 fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    std::fs::read(format!(
+        "{}/tests/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
 }
 
 fn report(status: &str, command_uuid: Option<&str>) -> Vec<u8> {
@@ -30,7 +34,9 @@ fn report(status: &str, command_uuid: Option<&str>) -> Vec<u8> {
         dict.insert("CommandUUID".into(), uuid.into());
     }
     let mut out = Vec::new();
-    plist::Value::Dictionary(dict).to_writer_xml(&mut out).unwrap();
+    plist::Value::Dictionary(dict)
+        .to_writer_xml(&mut out)
+        .unwrap();
     out
 }
 
@@ -47,7 +53,10 @@ async fn enrolled_device() -> Fixture {
     let ca = CertificateAuthority::load_or_create(dir.path()).unwrap();
     let identity = ca.issue_identity(UDID).unwrap();
     let verifier = IdentityVerifier::new(vec![ca.ca_cert_der().clone()]).unwrap();
-    let header = format!(":{}:", base64::engine::general_purpose::STANDARD.encode(&identity.cert_der));
+    let header = format!(
+        ":{}:",
+        base64::engine::general_purpose::STANDARD.encode(&identity.cert_der)
+    );
     let fingerprint = verifier.verify_header(&header).unwrap();
     let settings = DeviceSettings {
         idle_timeout: Duration::from_secs(3600),
@@ -55,7 +64,10 @@ async fn enrolled_device() -> Fixture {
         user_authenticate: UserAuthenticatePolicy::Decline,
     };
     let registry = Registry::new(store, settings, ShardMap::single_node("bench"));
-    for message in ["nanomdm/Authenticate.2.plist", "nanomdm/TokenUpdate.2.plist"] {
+    for message in [
+        "nanomdm/Authenticate.2.plist",
+        "nanomdm/TokenUpdate.2.plist",
+    ] {
         let checkin = decode_checkin(&fixture(message)).unwrap();
         let msg = HandleCheckin {
             checkin,
@@ -116,7 +128,10 @@ fn connect(c: &mut Criterion) {
                     let command = StoredCommand {
                         command_uuid: uuid.clone(),
                         request_type: "ProfileList".into(),
-                        body: orchard::protocol::command::build_command(&uuid, plist::Dictionary::new()),
+                        body: orchard::protocol::command::build_command(
+                            &uuid,
+                            plist::Dictionary::new(),
+                        ),
                     };
                     let enqueue = Enqueue {
                         command: Arc::new(command),

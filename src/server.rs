@@ -94,6 +94,7 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
     };
     let timeout = http_settings.body_timeout;
     actix_web::rt::System::new().block_on(async move {
+        publish_push_cert_expiry(&*store).await;
         let registry = Registry::new(Arc::clone(&store), settings, ShardMap::single_node("local"));
         let state = web::Data::new(AppState::new(
             http_settings,
@@ -141,6 +142,19 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
         actix_web::rt::spawn(sweep_actors(registry));
         server.run().await.map_err(|e| fail("server", e))
     })
+}
+
+/// Expiry of every stored push certificate, for alerting from the first scrape on.
+async fn publish_push_cert_expiry(store: &dyn Store) {
+    match store.push_certs().await {
+        Ok(certs) => {
+            for cert in certs {
+                metrics::gauge!("orchard_push_cert_expiry_seconds", "topic" => cert.topic)
+                    .set(cert.not_after as f64);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not read push certificates"),
+    }
 }
 
 /// Keep resident actors under their bound and drop command bodies nobody holds.

@@ -10,17 +10,28 @@ use common::*;
 fn gauge(metrics: &str, name: &str) -> f64 {
     metrics
         .lines()
-        .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
+        .find_map(|line| {
+            line.strip_prefix(name)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
         .unwrap_or(0.0)
 }
 
 #[actix_rt::test]
 async fn resident_actors_stay_under_their_bound_and_reload_on_demand() {
     let server = Server::start_with(&["--max-resident-actors", "5", "--actor-idle-secs", "3600"]);
-    let devices: Vec<Device> = (0..20).map(|n| Device::new(&server, &format!("BOUNDED-{n:02}"))).collect();
+    let devices: Vec<Device> = (0..20)
+        .map(|n| Device::new(&server, &format!("BOUNDED-{n:02}")))
+        .collect();
     for device in &devices {
         device.enroll(&server).await;
-        enqueue(&server, &device.udid, &format!("CMD-{}", device.udid), "ProfileList").await;
+        enqueue(
+            &server,
+            &device.udid,
+            &format!("CMD-{}", device.udid),
+            "ProfileList",
+        )
+        .await;
     }
     let mut resident = f64::MAX;
     for _ in 0..50 {

@@ -186,3 +186,49 @@ async fn a_template_command_that_violates_apples_schema_is_refused() {
     assert_eq!(status, 400);
     assert!(device.drain(&server).await.is_empty(), "nothing was queued");
 }
+
+/// Send `head` on a raw socket; return the server's response head (or whatever it sent
+/// before closing) and how long that took.
+fn stall_with(server: &Server, head: &str) -> (String, std::time::Duration) {
+    use std::io::{Read, Write};
+    let mut socket =
+        std::net::TcpStream::connect(server.base.trim_start_matches("http://")).unwrap();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    socket.write_all(head.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        match socket.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+        }
+    }
+    (
+        String::from_utf8_lossy(&answer).into_owned(),
+        started.elapsed(),
+    )
+}
+
+#[test]
+fn a_client_that_stalls_in_its_headers_is_cut_off() {
+    let server = Server::start_with(&["--request-timeout-secs", "1"]);
+    let (_, waited) = stall_with(&server, "PUT /mdm HTTP/1.1\r\nHost: orchard\r\n");
+    assert!(
+        waited < std::time::Duration::from_secs(5),
+        "closed after {waited:?}"
+    );
+}
+
+#[test]
+fn a_client_that_stalls_in_its_body_gets_408() {
+    let server = Server::start_with(&["--request-timeout-secs", "1"]);
+    let head = format!(
+        "PUT /mdm HTTP/1.1\r\nHost: orchard\r\nContent-Type: {CONNECT}\r\n{CERT_HEADER}: :AAAA:\r\nContent-Length: 100\r\n\r\n<plist>"
+    );
+    let (answer, waited) = stall_with(&server, &head);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(waited < std::time::Duration::from_secs(5));
+}
