@@ -35,9 +35,7 @@ async fn enqueue_to_several_ids_reports_each_one() {
 
 #[actix_rt::test]
 async fn the_push_route_answers_per_id_and_says_nothing_was_sent() {
-    let server = Server::start();
-    let device = Device::new(&server, UDID);
-    device.enroll(&server).await;
+    let (server, _device) = enrolled_device(UDID).await;
     for method in ["GET", "POST"] {
         let response = client()
             .request(
@@ -59,9 +57,7 @@ async fn the_push_route_answers_per_id_and_says_nothing_was_sent() {
 
 #[actix_rt::test]
 async fn ten_thousand_ids_fit_in_one_enqueue_url() {
-    let server = Server::start();
-    let device = Device::new(&server, UDID);
-    device.enroll(&server).await;
+    let (server, device) = enrolled_device(UDID).await;
     let mut ids: Vec<String> = (0..9_999)
         .map(|n| format!("00000000-0000-4000-8000-{n:012}"))
         .collect();
@@ -105,9 +101,7 @@ fn raw_enqueue(server: &Server, ids: &str, command: &[u8]) -> (u16, String) {
 
 #[actix_rt::test]
 async fn a_pending_command_can_be_cancelled() {
-    let server = Server::start();
-    let device = Device::new(&server, UDID);
-    device.enroll(&server).await;
+    let (server, device) = enrolled_device(UDID).await;
     enqueue(&server, UDID, "CANCEL-ME", "ProfileList").await;
     enqueue(&server, UDID, "KEEP-ME", "ProfileList").await;
     let delete = |uuid: &str| {
@@ -123,9 +117,7 @@ async fn a_pending_command_can_be_cancelled() {
 
 #[actix_rt::test]
 async fn template_commands_are_built_validated_and_queued() {
-    let server = Server::start();
-    let device = Device::new(&server, UDID);
-    device.enroll(&server).await;
+    let (server, device) = enrolled_device(UDID).await;
     let (status, body) = api_post_json(
         &server,
         &format!("/api/v1/devices/{UDID}/commands"),
@@ -210,9 +202,7 @@ async fn the_openapi_document_describes_the_admin_routes() {
 
 #[actix_rt::test]
 async fn health_readiness_and_metrics_are_served() {
-    let server = Server::start();
-    let device = Device::new(&server, UDID);
-    device.enroll(&server).await;
+    let (server, device) = enrolled_device(UDID).await;
     device.connect(&server, device.idle()).await;
     for path in ["/healthz", "/readyz"] {
         assert_eq!(

@@ -70,9 +70,7 @@ async fn malformed_check_ins_are_refused_with_their_reason() {
 
 #[actix_rt::test]
 async fn a_connect_report_with_an_unknown_status_is_refused() {
-    let server = Server::start();
-    let device = Device::new(&server, UDID);
-    device.enroll(&server).await;
+    let (server, device) = enrolled_device(UDID).await;
     assert_rejected(
         &server,
         &device,
@@ -162,9 +160,7 @@ async fn an_api_body_that_is_not_a_command_plist_is_400() {
 
 #[actix_rt::test]
 async fn a_template_command_that_violates_apples_schema_is_refused() {
-    let server = Server::start();
-    let device = Device::new(&server, UDID);
-    device.enroll(&server).await;
+    let (server, device) = enrolled_device(UDID).await;
     let (status, body) = api_post_json(
         &server,
         &format!("/api/v1/devices/{UDID}/commands"),

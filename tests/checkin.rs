@@ -47,9 +47,7 @@ async fn authenticate_then_token_update_makes_the_device_pushable() {
 
 #[actix_rt::test]
 async fn check_out_disables_the_enrollment() {
-    let server = Server::start();
-    let device = Device::new(&server, UDID);
-    device.enroll(&server).await;
+    let (server, device) = enrolled_device(UDID).await;
     assert_eq!(
         device
             .checkin(&server, message(&device, "CheckOut", &[]))
@@ -65,9 +63,7 @@ async fn check_out_disables_the_enrollment() {
 
 #[actix_rt::test]
 async fn the_bootstrap_token_is_escrowed_and_returned() {
-    let server = Server::start();
-    let device = Device::new(&server, UDID);
-    device.enroll(&server).await;
+    let (server, device) = enrolled_device(UDID).await;
     let (status, body) = device
         .checkin(&server, message(&device, "GetBootstrapToken", &[]))
         .await;
@@ -93,9 +89,7 @@ async fn the_bootstrap_token_is_escrowed_and_returned() {
 
 #[actix_rt::test]
 async fn user_authenticate_is_declined_with_410_by_default() {
-    let server = Server::start();
-    let device = Device::new(&server, UDID);
-    device.enroll(&server).await;
+    let (server, device) = enrolled_device(UDID).await;
     let body = message(
         &device,
         "UserAuthenticate",
@@ -131,9 +125,7 @@ async fn user_authenticate_can_answer_an_empty_digest_challenge() {
 
 #[actix_rt::test]
 async fn get_token_without_a_token_service_is_a_clear_4xx() {
-    let server = Server::start();
-    let device = Device::new(&server, UDID);
-    device.enroll(&server).await;
+    let (server, device) = enrolled_device(UDID).await;
     let body = message(
         &device,
         "GetToken",
@@ -146,9 +138,7 @@ async fn get_token_without_a_token_service_is_a_clear_4xx() {
 
 #[actix_rt::test]
 async fn declarative_management_gets_a_clear_error_until_ddm_is_served() {
-    let server = Server::start();
-    let device = Device::new(&server, UDID);
-    device.enroll(&server).await;
+    let (server, device) = enrolled_device(UDID).await;
     let body = message(
         &device,
         "DeclarativeManagement",
@@ -161,9 +151,7 @@ async fn declarative_management_gets_a_clear_error_until_ddm_is_served() {
 
 #[actix_rt::test]
 async fn a_user_channel_enrolls_through_its_device_and_has_its_own_queue() {
-    let server = Server::start();
-    let device = Device::new(&server, UDID);
-    device.enroll(&server).await;
+    let (server, device) = enrolled_device(UDID).await;
     let user_token_update = message(
         &device,
         "TokenUpdate",

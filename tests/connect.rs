@@ -14,17 +14,13 @@ fn command_uuid(body: &[u8]) -> String {
 
 #[actix_rt::test]
 async fn idle_with_an_empty_queue_gets_an_empty_200() {
-    let server = Server::start();
-    let device = Device::new(&server, UDID);
-    device.enroll(&server).await;
+    let (server, device) = enrolled_device(UDID).await;
     assert_eq!(device.connect(&server, device.idle()).await, (200, vec![]));
 }
 
 #[actix_rt::test]
 async fn an_enqueued_command_is_delivered_verbatim_and_its_result_stored() {
-    let server = Server::start();
-    let device = Device::new(&server, UDID);
-    device.enroll(&server).await;
+    let (server, device) = enrolled_device(UDID).await;
     let command = command_plist("7A5C2E4E-0000-4000-8000-000000000001", "ProfileList");
     let (status, body) = api_put(
         &server,
@@ -64,9 +60,7 @@ async fn an_enqueued_command_is_delivered_verbatim_and_its_result_stored() {
 
 #[actix_rt::test]
 async fn commands_are_delivered_first_in_first_out() {
-    let server = Server::start();
-    let device = Device::new(&server, UDID);
-    device.enroll(&server).await;
+    let (server, device) = enrolled_device(UDID).await;
     for n in 1..=5 {
         enqueue(&server, UDID, &format!("CMD-{n}"), "ProfileList").await;
     }
@@ -76,9 +70,7 @@ async fn commands_are_delivered_first_in_first_out() {
 
 #[actix_rt::test]
 async fn a_higher_priority_command_is_delivered_first() {
-    let server = Server::start();
-    let device = Device::new(&server, UDID);
-    device.enroll(&server).await;
+    let (server, device) = enrolled_device(UDID).await;
     enqueue(&server, UDID, "NORMAL", "ProfileList").await;
     let (status, _) = api_post_json(&server, &format!("/api/v1/devices/{UDID}/commands"), serde_json::json!({
         "request_type": "SecurityInfo", "priority": 10, "command_uuid": "URGENT", "no_push": true
@@ -89,9 +81,7 @@ async fn a_higher_priority_command_is_delivered_first() {
 
 #[actix_rt::test]
 async fn a_resent_result_is_stored_once_and_the_queue_moves_on() {
-    let server = Server::start();
-    let device = Device::new(&server, UDID);
-    device.enroll(&server).await;
+    let (server, device) = enrolled_device(UDID).await;
     enqueue(&server, UDID, "A", "ProfileList").await;
     enqueue(&server, UDID, "B", "ProfileList").await;
     device.connect(&server, device.idle()).await;
@@ -119,9 +109,7 @@ async fn a_resent_result_is_stored_once_and_the_queue_moves_on() {
 
 #[actix_rt::test]
 async fn not_now_skips_to_commands_never_answered_not_now_and_retries_them_later() {
-    let server = Server::start();
-    let device = Device::new(&server, UDID);
-    device.enroll(&server).await;
+    let (server, device) = enrolled_device(UDID).await;
     enqueue(&server, UDID, "A", "ProfileList").await;
     enqueue(&server, UDID, "B", "ProfileList").await;
     let (_, first) = device.connect(&server, device.idle()).await;
@@ -153,9 +141,7 @@ async fn not_now_skips_to_commands_never_answered_not_now_and_retries_them_later
 
 #[actix_rt::test]
 async fn an_error_result_dequeues_the_command_and_records_the_error_chain() {
-    let server = Server::start();
-    let device = Device::new(&server, UDID);
-    device.enroll(&server).await;
+    let (server, device) = enrolled_device(UDID).await;
     enqueue(&server, UDID, "FAILS", "InstallProfile").await;
     device.connect(&server, device.idle()).await;
     let mut error = Dictionary::new();
@@ -180,9 +166,7 @@ async fn an_error_result_dequeues_the_command_and_records_the_error_chain() {
 
 #[actix_rt::test]
 async fn an_unparseable_result_is_refused_and_parks_the_command_after_repeated_failures() {
-    let server = Server::start();
-    let device = Device::new(&server, UDID);
-    device.enroll(&server).await;
+    let (server, device) = enrolled_device(UDID).await;
     enqueue(&server, UDID, "POISON", "ProfileList").await;
     enqueue(&server, UDID, "AFTER", "ProfileList").await;
     for _ in 0..3 {
@@ -205,9 +189,7 @@ async fn an_unparseable_result_is_refused_and_parks_the_command_after_repeated_f
 
 #[actix_rt::test]
 async fn a_result_for_an_unknown_command_is_stored_and_the_session_continues() {
-    let server = Server::start();
-    let device = Device::new(&server, UDID);
-    device.enroll(&server).await;
+    let (server, device) = enrolled_device(UDID).await;
     let (status, body) = device
         .connect(&server, device.report("Acknowledged", Some("NEVER-QUEUED")))
         .await;

@@ -69,13 +69,7 @@ async fn list_devices(
         .store
         .enrollment_ids(query.after.as_deref(), limit)
         .await
-        .map_err(|e| {
-            Rejection::api(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_failure",
-                e.to_string(),
-            )
-        })?;
+        .map_err(Rejection::store_failure)?;
     let next = (ids.len() == limit).then(|| ids.last().cloned()).flatten();
     Ok(HttpResponse::Ok().json(serde_json::json!({ "devices": ids, "next": next })))
 }
@@ -148,13 +142,11 @@ async fn device_commands(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Rejection> {
     let DeviceSnapshot { pending, .. } = snapshot(&state, &id).await?;
-    let results = state.store.results(&id, 1000).await.map_err(|e| {
-        Rejection::api(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_failure",
-            e.to_string(),
-        )
-    })?;
+    let results = state
+        .store
+        .results(&id, 1000)
+        .await
+        .map_err(Rejection::store_failure)?;
     let mut views: Vec<CommandView> = pending.iter().map(pending_view).collect();
     for result in results {
         if pending
@@ -236,13 +228,7 @@ async fn deliver(
         !request.no_push,
     )
     .await
-    .map_err(|e| {
-        Rejection::api(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_failure",
-            e.to_string(),
-        )
-    })?;
+    .map_err(Rejection::store_failure)?;
     Ok((command, deliveries))
 }
 

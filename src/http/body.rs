@@ -9,9 +9,19 @@ use actix_web::HttpRequest;
 use futures_util::StreamExt;
 
 use super::rejection::Rejection;
+use super::HttpSettings;
+
+/// Read a request body under the server's configured limit and deadline.
+pub async fn read_body(
+    req: &HttpRequest,
+    payload: Payload,
+    settings: &HttpSettings,
+) -> Result<Bytes, Rejection> {
+    read_limited(req, payload, settings.max_body_bytes, settings.body_timeout).await
+}
 
 /// Read the whole body: 413 past `limit`, 408 if it does not arrive within `deadline`.
-pub async fn read_limited(
+async fn read_limited(
     req: &HttpRequest,
     mut payload: Payload,
     limit: usize,

@@ -6,7 +6,7 @@ use std::time::Instant;
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 
-use super::body::read_limited;
+use super::body::read_body;
 use super::identity::device_identity;
 use super::rejection::Rejection;
 use super::AppState;
@@ -33,7 +33,7 @@ pub async fn mdm(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Rejection> {
-    let body = read_device_body(&req, payload, &state).await?;
+    let body = read_body(&req, payload, &state.settings).await?;
     if content_type(&req).starts_with(CHECKIN_CONTENT_TYPE) {
         checkin(&req, &body, &state).await
     } else {
@@ -56,22 +56,8 @@ pub async fn checkin_only(
             ),
         ));
     }
-    let body = read_device_body(&req, payload, &state).await?;
+    let body = read_body(&req, payload, &state.settings).await?;
     checkin(&req, &body, &state).await
-}
-
-async fn read_device_body(
-    req: &HttpRequest,
-    payload: web::Payload,
-    state: &AppState,
-) -> Result<web::Bytes, Rejection> {
-    read_limited(
-        req,
-        payload,
-        state.settings.max_body_bytes,
-        state.settings.body_timeout,
-    )
-    .await
 }
 
 /// How the channel's actor should treat the caller: device channels check the binding

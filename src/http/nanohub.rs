@@ -7,7 +7,7 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
-use super::body::read_limited;
+use super::body::read_body;
 use super::rejection::Rejection;
 use super::AppState;
 use crate::commands::{self, Delivery};
@@ -90,14 +90,9 @@ async fn upload_push_cert(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Rejection> {
-    let body = read_limited(
-        &req,
-        payload,
-        state.settings.max_body_bytes,
-        state.settings.body_timeout,
-    )
-    .await
-    .map_err(Rejection::for_api)?;
+    let body = read_body(&req, payload, &state.settings)
+        .await
+        .map_err(Rejection::for_api)?;
     let cert = PushCertificate::from_pem(&body)
         .map_err(|e| Rejection::api(StatusCode::BAD_REQUEST, e.reason(), e.to_string()))?;
     let record = PushCertRecord {
@@ -111,13 +106,7 @@ async fn upload_push_cert(
         .store
         .apply(vec![Mutation::PutPushCert(record.clone())])
         .await
-        .map_err(|e| {
-            Rejection::api(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_failure",
-                e.to_string(),
-            )
-        })?;
+        .map_err(Rejection::store_failure)?;
     metrics::gauge!("orchard_push_cert_expiry_seconds", "topic" => record.topic.clone())
         .set(record.not_after as f64);
     tracing::info!(topic = %record.topic, "push certificate stored");
@@ -134,13 +123,11 @@ async fn get_push_cert(
     query: web::Query<TopicQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Rejection> {
-    let certs = state.store.push_certs().await.map_err(|e| {
-        Rejection::api(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_failure",
-            e.to_string(),
-        )
-    })?;
+    let certs = state
+        .store
+        .push_certs()
+        .await
+        .map_err(Rejection::store_failure)?;
     let found = match &query.topic {
         Some(topic) => certs.iter().find(|c| &c.topic == topic),
         None => certs.iter().max_by_key(|c| c.uploaded_at),
@@ -209,14 +196,9 @@ async fn enqueue(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Rejection> {
     let ids = route_ids(&req, &ids)?;
-    let body = read_limited(
-        &req,
-        payload,
-        state.settings.max_body_bytes,
-        state.settings.body_timeout,
-    )
-    .await
-    .map_err(Rejection::for_api)?;
+    let body = read_body(&req, payload, &state.settings)
+        .await
+        .map_err(Rejection::for_api)?;
     let info = inspect_command(&body).map_err(|e| Rejection::protocol(e).for_api())?;
     let no_push = query
         .nopush
@@ -237,13 +219,7 @@ async fn enqueue(
         !no_push,
     )
     .await
-    .map_err(|e| {
-        Rejection::api(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_failure",
-            e.to_string(),
-        )
-    })?;
+    .map_err(Rejection::store_failure)?;
     let status = enqueue_status(&deliveries);
     let failed = deliveries.iter().filter(|d| d.queued.is_err()).count();
     let response = EnqueueResponse {

@@ -43,6 +43,15 @@ impl Rejection {
         }
     }
 
+    /// The store could not answer: 503, the client may retry.
+    pub fn store_failure(e: impl fmt::Display) -> Self {
+        Rejection::api(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_failure",
+            e.to_string(),
+        )
+    }
+
     pub fn for_api(self) -> Self {
         Rejection {
             audience: Audience::Api,

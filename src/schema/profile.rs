@@ -323,6 +323,16 @@ mod tests {
         assert_eq!(validation, Validation::default());
     }
 
+    fn sorted_error_paths(validation: &Validation) -> Vec<&str> {
+        let mut paths: Vec<&str> = validation
+            .errors
+            .iter()
+            .map(|error| error.path.as_str())
+            .collect();
+        paths.sort_unstable();
+        paths
+    }
+
     #[test]
     fn payload_problems_are_located_inside_the_profile() {
         let mut broken = mdm_payload();
@@ -331,12 +341,7 @@ mod tests {
         let mut profile = enrollment_profile(broken);
         profile.remove("PayloadUUID");
         let validation = validate_profile_payload(&profile);
-        let mut paths: Vec<&str> = validation
-            .errors
-            .iter()
-            .map(|error| error.path.as_str())
-            .collect();
-        paths.sort_unstable();
+        let paths = sorted_error_paths(&validation);
         assert_eq!(
             paths,
             [
@@ -352,12 +357,7 @@ mod tests {
         let mut payload = dictionary(mdm_payload());
         payload.insert("PayloadType".into(), Value::String(MDM_PAYLOAD_TYPE.into()));
         let validation = validate_profile_payload(&payload);
-        let mut paths: Vec<&str> = validation
-            .errors
-            .iter()
-            .map(|error| error.path.as_str())
-            .collect();
-        paths.sort_unstable();
+        let paths = sorted_error_paths(&validation);
         assert_eq!(
             paths,
             ["$.PayloadIdentifier", "$.PayloadUUID", "$.PayloadVersion"]

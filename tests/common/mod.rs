@@ -249,6 +249,14 @@ impl Device {
     }
 }
 
+/// A fresh server with one device that has sent Authenticate and TokenUpdate.
+pub async fn enrolled_device(udid: &str) -> (Server, Device) {
+    let server = Server::start();
+    let device = Device::new(&server, udid);
+    device.enroll(&server).await;
+    (server, device)
+}
+
 /// A raw command plist as NanoHUB's enqueue route takes it.
 pub fn command_plist(uuid: &str, request_type: &str) -> Vec<u8> {
     let mut command = Dictionary::new();
