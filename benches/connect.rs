@@ -59,6 +59,8 @@ async fn enrolled_device() -> Fixture {
     );
     let fingerprint = verifier.verify_header(&header).unwrap();
     let settings = DeviceSettings {
+        repush_after: Duration::from_secs(300),
+        repush_max_interval: Duration::from_secs(86_400),
         idle_timeout: Duration::from_secs(3600),
         max_resident: 1000,
         user_authenticate: UserAuthenticatePolicy::Decline,

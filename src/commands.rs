@@ -6,10 +6,13 @@ use std::sync::Arc;
 
 use futures_util::{stream, StreamExt};
 
-use crate::device::messages::{Enqueue, GetPushTarget};
+use crate::device::messages::{Enqueue, GetPushTarget, InvalidatePushToken, PushDecision, WakeDue};
 use crate::device::{DeviceError, Registry};
 use crate::push::{Push, PushOutcome, PushTarget};
 use crate::store::{Mutation, Store, StoreError, StoredCommand};
+
+/// Wakes the re-push sweep handles per store read.
+const SWEEP_BATCH: usize = 10_000;
 
 /// How many device actors one API call talks to at once.
 const FAN_OUT: usize = 512;
@@ -37,7 +40,7 @@ pub async fn enqueue(
         .apply(vec![Mutation::PutCommand(command.clone())])
         .await?;
     let command = registry.intern_body(command);
-    let queued: Vec<(String, Result<Option<PushTarget>, DeviceError>)> = stream::iter(ids)
+    let queued: Vec<(String, Result<PushDecision, DeviceError>)> = stream::iter(ids)
         .map(|id| {
             let msg = Enqueue {
                 command: Arc::clone(&command),
@@ -54,17 +57,18 @@ pub async fn enqueue(
     let mut targets = Vec::new();
     for (enrollment_id, result) in queued {
         let (queued, push) = match result {
-            Ok(Some(target)) if send_push => {
+            Ok(_) if !send_push => (Ok(()), None),
+            Ok(PushDecision::Push(target)) => {
                 targets.push((deliveries.len(), target));
                 (Ok(()), None)
             }
-            Ok(None) if send_push => (
+            Ok(PushDecision::AlreadyPending) => (Ok(()), Some(PushOutcome::AlreadyPending)),
+            Ok(PushDecision::NotPushable(e)) => (
                 Ok(()),
                 Some(PushOutcome::NotSent {
-                    reason: "enrollment cannot be pushed yet (no TokenUpdate, checked out, or token invalid)".into(),
+                    reason: e.to_string(),
                 }),
             ),
-            Ok(_) => (Ok(()), None),
             Err(e) => (Err(e), None),
         };
         deliveries.push(Delivery {
@@ -74,45 +78,112 @@ pub async fn enqueue(
         });
     }
     let (slots, targets): (Vec<usize>, Vec<PushTarget>) = targets.into_iter().unzip();
-    for (slot, outcome) in slots.into_iter().zip(push.push(&targets).await) {
+    for (slot, outcome) in slots
+        .into_iter()
+        .zip(dispatch(registry, push, &targets).await)
+    {
         deliveries[slot].push = Some(outcome);
     }
     Ok(deliveries)
 }
 
-/// Push every id that can be pushed; the others get a `NotSent`/`Failed` reason.
+/// Push, then act on what APNs said about each token: a dead token is marked invalid on
+/// its enrollment so nothing pushes it again until the device's next TokenUpdate.
+pub async fn dispatch(
+    registry: &Arc<Registry>,
+    push: &dyn Push,
+    targets: &[PushTarget],
+) -> Vec<PushOutcome> {
+    let outcomes = push.push(targets).await;
+    let dead = targets
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, outcome)| matches!(outcome, PushOutcome::TokenInvalid { .. }));
+    stream::iter(dead)
+        .for_each_concurrent(FAN_OUT, |(target, _)| async move {
+            let msg = InvalidatePushToken {
+                token: target.token.clone(),
+            };
+            if let Err(e) = registry.call(&target.enrollment_id, msg).await {
+                tracing::warn!(enrollment_id = %target.enrollment_id, error = %e, "could not mark the push token invalid");
+            }
+        })
+        .await;
+    outcomes
+}
+
+/// One pass of the re-push sweep: wake every device whose scheduled wake is due and that
+/// still needs it (pending commands, quiet since the re-push delay, pushable).
+pub async fn repush_due(
+    registry: &Arc<Registry>,
+    store: &dyn Store,
+    push: &dyn Push,
+    now: i64,
+) -> Result<usize, StoreError> {
+    let due = store.due_wakes(now, SWEEP_BATCH).await?;
+    let targets: Vec<PushTarget> = stream::iter(due)
+        .map(|wake| async move {
+            let msg = WakeDue {
+                attempt: wake.attempt,
+            };
+            match registry.call(&wake.enrollment_id, msg).await {
+                Ok(target) => target,
+                Err(DeviceError::UnknownEnrollment(_)) => {
+                    let clear = Mutation::ClearWake {
+                        enrollment_id: wake.enrollment_id,
+                    };
+                    let _ = store.apply(vec![clear]).await;
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(enrollment_id = %wake.enrollment_id, error = %e, "re-push decision failed");
+                    None
+                }
+            }
+        })
+        .buffered(FAN_OUT)
+        .filter_map(|target| async move { target })
+        .collect()
+        .await;
+    if !targets.is_empty() {
+        tracing::info!(
+            devices = targets.len(),
+            "re-pushing devices with pending commands"
+        );
+        dispatch(registry, push, &targets).await;
+    }
+    Ok(targets.len())
+}
+
+/// Push every id that can be pushed; an id that cannot (unknown, checked out, dead
+/// token) answers why instead.
 pub async fn push_enrollments(
     registry: &Arc<Registry>,
     push: &dyn Push,
     ids: &[String],
-) -> Vec<(String, PushOutcome)> {
+) -> Vec<(String, Result<PushOutcome, DeviceError>)> {
     let lookups: Vec<(String, Result<PushTarget, DeviceError>)> = stream::iter(ids)
         .map(|id| async move { (id.clone(), registry.call(id, GetPushTarget).await) })
         .buffered(FAN_OUT)
         .collect()
         .await;
-    let mut outcomes: Vec<(String, Option<PushOutcome>)> = Vec::with_capacity(lookups.len());
+    let mut outcomes = Vec::with_capacity(lookups.len());
     let mut targets = Vec::new();
     for (id, lookup) in lookups {
         match lookup {
             Ok(target) => {
                 targets.push((outcomes.len(), target));
-                outcomes.push((id, None));
+                outcomes.push((id, Ok(PushOutcome::AlreadyPending)));
             }
-            Err(e) => outcomes.push((
-                id,
-                Some(PushOutcome::Failed {
-                    reason: e.to_string(),
-                }),
-            )),
+            Err(e) => outcomes.push((id, Err(e))),
         }
     }
     let (slots, targets): (Vec<usize>, Vec<PushTarget>) = targets.into_iter().unzip();
-    for (slot, outcome) in slots.into_iter().zip(push.push(&targets).await) {
-        outcomes[slot].1 = Some(outcome);
+    for (slot, outcome) in slots
+        .into_iter()
+        .zip(dispatch(registry, push, &targets).await)
+    {
+        outcomes[slot].1 = Ok(outcome);
     }
     outcomes
-        .into_iter()
-        .filter_map(|(id, outcome)| outcome.map(|o| (id, o)))
-        .collect()
 }

@@ -70,13 +70,37 @@ pub struct ServeArgs {
     #[arg(long, env = "ORCHARD_SERVER_URL")]
     pub server_url: Option<String>,
 
-    /// APNs endpoint override (tests, load runs).
+    /// APNs endpoint override (tests, load runs); default Apple production.
     #[arg(long, env = "ORCHARD_APNS_URL")]
     pub apns_url: Option<String>,
 
     /// Extra root (PEM) to trust for --apns-url.
     #[arg(long, env = "ORCHARD_APNS_CA")]
     pub apns_ca: Option<PathBuf>,
+
+    /// Use Apple's development APNs host (only for profiles with UseDevelopmentAPNS).
+    #[arg(long, env = "ORCHARD_APNS_DEVELOPMENT")]
+    pub apns_development: bool,
+
+    /// Long-lived HTTP/2 connections per push topic.
+    #[arg(long, env = "ORCHARD_APNS_CONNECTIONS", default_value_t = 2)]
+    pub apns_connections: usize,
+
+    /// apns-expiration: seconds APNs keeps a wake-up for an offline device.
+    #[arg(long, env = "ORCHARD_APNS_EXPIRATION_SECS", default_value_t = 7 * 24 * 3600)]
+    pub apns_expiration_secs: u64,
+
+    /// Re-push a device with pending commands after this many quiet seconds.
+    #[arg(long, env = "ORCHARD_REPUSH_AFTER_SECS", default_value_t = 300)]
+    pub repush_after_secs: u64,
+
+    /// Longest spacing between repeated re-pushes of one device.
+    #[arg(long, env = "ORCHARD_REPUSH_MAX_SECS", default_value_t = 24 * 3600)]
+    pub repush_max_secs: u64,
+
+    /// How often the re-push sweep looks for due wakes.
+    #[arg(long, env = "ORCHARD_REPUSH_INTERVAL_SECS", default_value_t = 30)]
+    pub repush_interval_secs: u64,
 
     /// Storage backend.
     #[arg(long, env = "ORCHARD_STORE", value_enum, default_value = "embedded")]

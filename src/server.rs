@@ -15,7 +15,7 @@ use crate::device::{DeviceSettings, Registry, UserAuthenticatePolicy};
 use crate::enroll::EnrollmentProfiles;
 use crate::http::{self, AppState, HttpSettings};
 use crate::identity::{CertificateAuthority, IdentityVerifier};
-use crate::push::RecordingPush;
+use crate::push::apns::{ApnsPush, ApnsSettings, Endpoint, DEVELOPMENT_URL, PRODUCTION_URL};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::Store;
 use crate::telemetry;
@@ -79,7 +79,13 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
         args.access_rights,
         args.organization.clone(),
     );
+    let push = Arc::new(
+        ApnsPush::start(apns_settings(&args)?, Arc::clone(&store))
+            .map_err(|e| fail("APNs engine", e))?,
+    );
     let settings = DeviceSettings {
+        repush_after: Duration::from_secs(args.repush_after_secs.max(1)),
+        repush_max_interval: Duration::from_secs(args.repush_max_secs.max(1)),
         idle_timeout: Duration::from_secs(args.actor_idle_secs.max(1)),
         max_resident: args.max_resident_actors.max(1),
         user_authenticate: match args.user_authenticate {
@@ -101,7 +107,7 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
             Arc::clone(&store),
             Arc::clone(&registry),
             verifier,
-            Arc::new(RecordingPush::new(10_000)),
+            push.clone(),
             profiles,
             &api_key,
             metrics,
@@ -139,7 +145,9 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
             generated,
             server_url.as_deref(),
         );
-        actix_web::rt::spawn(sweep_actors(registry));
+        actix_web::rt::spawn(sweep_actors(Arc::clone(&registry)));
+        let interval = Duration::from_secs(args.repush_interval_secs.max(1));
+        actix_web::rt::spawn(sweep_repushes(registry, store, push, interval));
         server.run().await.map_err(|e| fail("server", e))
     })
 }
@@ -155,6 +163,40 @@ async fn publish_push_cert_expiry(store: &dyn Store) {
         }
         Err(e) => tracing::warn!(error = %e, "could not read push certificates"),
     }
+}
+
+/// Wake devices that have pending commands but have not checked in (APNs is best effort).
+async fn sweep_repushes(
+    registry: Arc<Registry>,
+    store: Arc<dyn Store>,
+    push: Arc<ApnsPush>,
+    interval: Duration,
+) {
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tick.tick().await;
+        if let Err(e) =
+            crate::commands::repush_due(&registry, &*store, &*push, crate::device::now_secs()).await
+        {
+            tracing::warn!(error = %e, "re-push sweep failed");
+        }
+    }
+}
+
+fn apns_settings(args: &ServeArgs) -> Result<ApnsSettings, StartupError> {
+    let default_url = if args.apns_development {
+        DEVELOPMENT_URL
+    } else {
+        PRODUCTION_URL
+    };
+    let url = args.apns_url.as_deref().unwrap_or(default_url);
+    let mut settings = ApnsSettings::new(Endpoint::parse(url).map_err(|e| fail("--apns-url", e))?);
+    if let Some(path) = &args.apns_ca {
+        settings.extra_roots = read_pem_certs(path)?;
+    }
+    settings.connections_per_topic = args.apns_connections.max(1);
+    settings.expiration = Duration::from_secs(args.apns_expiration_secs);
+    Ok(settings)
 }
 
 /// Keep resident actors under their bound and drop command bodies nobody holds.

@@ -27,14 +27,14 @@ async fn enqueue_to_several_ids_reports_each_one() {
         body["status"][UDID]["push_error"]
             .as_str()
             .unwrap()
-            .contains("not sent"),
-        "the response says that no push was sent: {body}"
+            .contains("no push certificate uploaded"),
+        "the response says why no push was sent: {body}"
     );
     assert_eq!(enrolled.drain(&server).await, ["MULTI-1"]);
 }
 
 #[actix_rt::test]
-async fn the_push_route_answers_per_id_and_says_nothing_was_sent() {
+async fn the_push_route_takes_get_and_post_and_says_why_nothing_was_sent() {
     let (server, _device) = enrolled_device(UDID).await;
     for method in ["GET", "POST"] {
         let response = client()
@@ -46,12 +46,12 @@ async fn the_push_route_answers_per_id_and_says_nothing_was_sent() {
             .send()
             .await
             .unwrap();
-        assert_eq!(response.status().as_u16(), 200);
+        assert_eq!(response.status().as_u16(), 502, "no push could be sent");
         let body: serde_json::Value = serde_json::from_slice(&body_of(response).await).unwrap();
         assert!(body["status"][UDID]["push_error"]
             .as_str()
             .unwrap()
-            .contains("not sent"));
+            .contains("no push certificate uploaded"));
     }
 }
 

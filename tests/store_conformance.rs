@@ -10,7 +10,7 @@ use std::sync::Arc;
 use orchard::store::embedded::EmbeddedStore;
 use orchard::store::{
     CommandResult, EnrollmentKind, EnrollmentRecord, Mutation, PushCertRecord, PushInfo,
-    QueueEntry, ResultStatus, Store, StoredCommand,
+    QueueEntry, ResultStatus, Store, StoredCommand, WakeEntry,
 };
 
 /// A fresh, empty storage location that can be opened (and reopened) as a store.
@@ -80,6 +80,7 @@ macro_rules! conformance_suite {
                 results_are_the_newest_in_seq_order,
                 results_belong_to_their_enrollment_only,
                 push_certificates_are_kept_per_topic,
+                wakes_come_due_in_time_order_and_reschedule_in_place,
                 a_batch_becomes_visible_as_a_whole,
                 an_empty_batch_is_accepted,
                 acknowledged_writes_survive_reopening,
@@ -302,6 +303,80 @@ mod cases {
             ["cmd-b"]
         );
         assert_eq!(store.result("device-1", "cmd-b").await.unwrap(), None);
+    }
+
+    pub async fn wakes_come_due_in_time_order_and_reschedule_in_place<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        let wake = |id: &str, due_at: i64, attempt: u32| Mutation::ScheduleWake {
+            enrollment_id: id.into(),
+            due_at,
+            attempt,
+        };
+        apply(
+            &store,
+            vec![
+                wake("late", 300, 0),
+                wake("early", 100, 2),
+                wake("later", 900, 0),
+            ],
+        )
+        .await;
+        let due: Vec<_> = store.due_wakes(300, 10).await.unwrap();
+        assert_eq!(
+            due,
+            [
+                WakeEntry {
+                    enrollment_id: "early".into(),
+                    due_at: 100,
+                    attempt: 2
+                },
+                WakeEntry {
+                    enrollment_id: "late".into(),
+                    due_at: 300,
+                    attempt: 0
+                },
+            ]
+        );
+        assert_eq!(
+            store.due_wakes(1000, 1).await.unwrap().len(),
+            1,
+            "limit applies"
+        );
+
+        apply(&store, vec![wake("early", 500, 3)]).await;
+        let due = store.due_wakes(600, 10).await.unwrap();
+        let ids: Vec<_> = due
+            .iter()
+            .map(|w| (w.enrollment_id.as_str(), w.due_at))
+            .collect();
+        assert_eq!(
+            ids,
+            [("late", 300), ("early", 500)],
+            "rescheduling replaces the old time"
+        );
+
+        apply(
+            &store,
+            vec![Mutation::ClearWake {
+                enrollment_id: "late".into(),
+            }],
+        )
+        .await;
+        apply(
+            &store,
+            vec![Mutation::ClearWake {
+                enrollment_id: "never-scheduled".into(),
+            }],
+        )
+        .await;
+        let ids: Vec<_> = store
+            .due_wakes(1000, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|w| w.enrollment_id)
+            .collect();
+        assert_eq!(ids, ["early", "later"]);
     }
 
     pub async fn push_certificates_are_kept_per_topic<B: Backend>(backend: B) {

@@ -24,6 +24,10 @@ use crate::store::{
 /// Persist `last_seen` at most this often while the device keeps connecting.
 const LAST_SEEN_FLUSH_SECS: i64 = 300;
 
+/// A push requested this recently, with no device contact since, is still pending: more
+/// enqueues do not push again (the re-push sweep covers a lost wake-up).
+const PUSH_PENDING_WINDOW: Duration = Duration::from_secs(60);
+
 type Reply<T> = AtomicResponse<DeviceActor, Result<T, DeviceError>>;
 
 pub struct DeviceActor {
@@ -45,6 +49,10 @@ struct Loaded {
     queue: CommandQueue,
     /// `last_seen` as stored; the in-memory record may be newer.
     persisted_last_seen: i64,
+    /// A re-push is (or may be) scheduled in the store for this enrollment.
+    wake_scheduled: bool,
+    /// When an enqueue last asked for a push; cleared by any device contact.
+    push_requested_at: Option<std::time::Instant>,
 }
 
 impl DeviceActor {
@@ -136,9 +144,32 @@ impl DeviceActor {
     }
 
     fn see(&mut self) {
+        if let Ok(loaded) = self.loaded() {
+            loaded.push_requested_at = None;
+        }
         if let Ok(record) = self.record() {
             record.last_seen = now_secs();
         }
+    }
+
+    /// Push for a new command unless a push is already pending for this device.
+    fn push_decision(&mut self) -> PushDecision {
+        let target = match self.push_target() {
+            Ok(target) => target,
+            Err(e) => return PushDecision::NotPushable(e),
+        };
+        let Ok(loaded) = self.loaded() else {
+            return PushDecision::NotPushable(DeviceError::Unavailable);
+        };
+        if loaded
+            .push_requested_at
+            .is_some_and(|at| at.elapsed() < PUSH_PENDING_WINDOW)
+        {
+            metrics::counter!("orchard_pushes_coalesced_total").increment(1);
+            return PushDecision::AlreadyPending;
+        }
+        loaded.push_requested_at = Some(std::time::Instant::now());
+        PushDecision::Push(target)
     }
 
     fn put_record(&mut self) -> Result<Mutation, DeviceError> {
@@ -401,6 +432,12 @@ impl DeviceActor {
         if let Ok(record) = self.put_record() {
             batch.push(record);
         }
+        if status == ResultStatus::NotNow {
+            let due = self.first_wake_due();
+            self.schedule_wake(&mut batch, due, 0);
+        } else {
+            self.clear_wake_if_done(&mut batch);
+        }
         let next = match self.next_command(status == ResultStatus::NotNow) {
             Ok(next) => next,
             Err(e) => return Self::immediate(Err(e)),
@@ -409,7 +446,12 @@ impl DeviceActor {
     }
 
     fn idle(&mut self) -> Reply<Option<Arc<StoredCommand>>> {
-        let next = self.next_command(false);
+        let next = match self.next_command(false) {
+            Ok(next) => next,
+            Err(e) => return Self::immediate(Err(e)),
+        };
+        let mut batch = Vec::new();
+        self.clear_wake_if_done(&mut batch);
         let stale = self
             .loaded()
             .ok()
@@ -419,13 +461,80 @@ impl DeviceActor {
                     .map(|r| r.last_seen - l.persisted_last_seen)
             })
             .is_some_and(|age| age >= LAST_SEEN_FLUSH_SECS);
-        match (next, stale) {
-            (Ok(next), true) => match self.put_record() {
-                Ok(put) => self.commit(vec![put], next),
-                Err(e) => Self::immediate(Err(e)),
-            },
-            (next, _) => Self::immediate(next),
+        if stale {
+            match self.put_record() {
+                Ok(put) => batch.push(put),
+                Err(e) => return Self::immediate(Err(e)),
+            }
         }
+        if batch.is_empty() {
+            Self::immediate(Ok(next))
+        } else {
+            self.commit(batch, next)
+        }
+    }
+
+    /// Decide a due re-push: wake only an enabled device that still has deliverable
+    /// commands and has been quiet for the re-push delay; space repeats exponentially.
+    fn wake_due(&mut self, attempt: u32) -> Reply<Option<PushTarget>> {
+        let settings = self.registry.settings().clone();
+        let now = now_secs();
+        let after = settings.repush_after.as_secs() as i64;
+        let deliverable = self.loaded().map(|l| l.queue.deliverable()).unwrap_or(0);
+        let last_seen = self.record().map(|r| r.last_seen).unwrap_or(0);
+        let mut batch = Vec::new();
+        let reply = match self.push_target() {
+            Ok(_) if deliverable > 0 && now - last_seen < after => {
+                self.schedule_wake(&mut batch, last_seen + after, attempt);
+                None
+            }
+            Ok(target) if deliverable > 0 => {
+                let spacing = settings
+                    .repush_after
+                    .saturating_mul(1u32 << (attempt + 1).min(20))
+                    .min(settings.repush_max_interval);
+                self.schedule_wake(&mut batch, now + spacing.as_secs() as i64, attempt + 1);
+                metrics::counter!("orchard_repushes_total").increment(1);
+                Some(target)
+            }
+            _ => {
+                if let Ok(loaded) = self.loaded() {
+                    loaded.wake_scheduled = false;
+                }
+                batch.push(Mutation::ClearWake {
+                    enrollment_id: self.id.clone(),
+                });
+                None
+            }
+        };
+        self.commit(batch, reply)
+    }
+
+    /// Wake the device later if it does not come back for its pending commands.
+    fn schedule_wake(&mut self, batch: &mut Vec<Mutation>, due_at: i64, attempt: u32) {
+        if let Ok(loaded) = self.loaded() {
+            loaded.wake_scheduled = true;
+        }
+        batch.push(Mutation::ScheduleWake {
+            enrollment_id: self.id.clone(),
+            due_at,
+            attempt,
+        });
+    }
+
+    /// Nothing deliverable is left: drop the scheduled wake.
+    fn clear_wake_if_done(&mut self, batch: &mut Vec<Mutation>) {
+        let id = self.id.clone();
+        if let Ok(loaded) = self.loaded() {
+            if loaded.wake_scheduled && loaded.queue.deliverable() == 0 {
+                loaded.wake_scheduled = false;
+                batch.push(Mutation::ClearWake { enrollment_id: id });
+            }
+        }
+    }
+
+    fn first_wake_due(&self) -> i64 {
+        now_secs() + self.registry.settings().repush_after.as_secs() as i64
     }
 
     fn queue_entry_mutation(&self, entry: QueueEntry) -> Mutation {
@@ -484,6 +593,8 @@ impl DeviceActor {
                 metrics::gauge!("orchard_queue_depth").increment(queue.len() as f64);
                 act.state = State::Ready(Box::new(Loaded {
                     persisted_last_seen: record.as_ref().map_or(0, |r| r.last_seen),
+                    wake_scheduled: !queue.is_empty(),
+                    push_requested_at: None,
                     record,
                     queue,
                 }));
@@ -644,14 +755,13 @@ impl Handler<UnparseableResult> for DeviceActor {
 }
 
 impl Handler<Enqueue> for DeviceActor {
-    type Result = Reply<Option<PushTarget>>;
+    type Result = Reply<PushDecision>;
 
     fn handle(&mut self, msg: Enqueue, _: &mut Context<Self>) -> Self::Result {
         self.touch();
         if let Err(e) = self.record() {
             return Self::immediate(Err(e));
         }
-        let push_target = self.push_target().ok();
         let loaded = match self.loaded() {
             Ok(loaded) => loaded,
             Err(e) => return Self::immediate(Err(e)),
@@ -672,12 +782,15 @@ impl Handler<Enqueue> for DeviceActor {
             entry: entry.clone(),
             command: msg.command,
         }) {
-            return Self::immediate(Ok(push_target));
+            return Self::immediate(Ok(PushDecision::AlreadyPending));
         }
         metrics::gauge!("orchard_queue_depth").increment(1.0);
         tracing::info!(enrollment_id = %self.id, command_uuid = %entry.command_uuid, request_type = %entry.request_type, "command enqueued");
-        let batch = vec![self.queue_entry_mutation(entry)];
-        self.commit(batch, push_target)
+        let mut batch = vec![self.queue_entry_mutation(entry)];
+        let due = self.first_wake_due();
+        self.schedule_wake(&mut batch, due, 0);
+        let decision = self.push_decision();
+        self.commit(batch, decision)
     }
 }
 
@@ -694,10 +807,11 @@ impl Handler<Cancel> for DeviceActor {
             Some(pending) => {
                 metrics::gauge!("orchard_queue_depth").decrement(1.0);
                 tracing::info!(enrollment_id = %self.id, command_uuid = %msg.command_uuid, "command cancelled");
-                let batch = vec![Mutation::RemoveQueueEntry {
+                let mut batch = vec![Mutation::RemoveQueueEntry {
                     enrollment_id: self.id.clone(),
                     seq: pending.entry.seq,
                 }];
+                self.clear_wake_if_done(&mut batch);
                 self.commit(batch, true)
             }
             None => Self::immediate(Ok(false)),
@@ -759,6 +873,35 @@ impl Handler<RegisterUserChannel> for DeviceActor {
             Ok(_) => Self::immediate(Ok(())),
             Err(e) => Self::immediate(Err(e)),
         }
+    }
+}
+
+impl Handler<InvalidatePushToken> for DeviceActor {
+    type Result = Reply<()>;
+
+    fn handle(&mut self, msg: InvalidatePushToken, _: &mut Context<Self>) -> Self::Result {
+        self.touch();
+        let record = match self.record() {
+            Ok(record) => record,
+            Err(e) => return Self::immediate(Err(e)),
+        };
+        let same_token = record.push.as_ref().is_some_and(|p| p.token == msg.token);
+        if !same_token || !record.push_token_valid {
+            return Self::immediate(Ok(()));
+        }
+        record.push_token_valid = false;
+        tracing::warn!(enrollment_id = %record.id, "APNs reported the push token invalid; not pushing until the next TokenUpdate");
+        metrics::counter!("orchard_push_tokens_invalidated_total").increment(1);
+        let batch = vec![Mutation::PutEnrollment(record.clone())];
+        self.commit(batch, ())
+    }
+}
+
+impl Handler<WakeDue> for DeviceActor {
+    type Result = Reply<Option<PushTarget>>;
+
+    fn handle(&mut self, msg: WakeDue, _: &mut Context<Self>) -> Self::Result {
+        self.wake_due(msg.attempt)
     }
 }
 

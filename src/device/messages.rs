@@ -59,10 +59,20 @@ pub struct UnparseableResult;
 
 /// Queue a command (its body is already durable in the store).
 #[derive(Clone, Debug, Message)]
-#[rtype(result = "Result<Option<PushTarget>, DeviceError>")]
+#[rtype(result = "Result<PushDecision, DeviceError>")]
 pub struct Enqueue {
     pub command: Arc<StoredCommand>,
     pub priority: u8,
+}
+
+/// Whether a newly queued command should wake the device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PushDecision {
+    Push(PushTarget),
+    /// A wake-up was requested moments ago and the device has not connected since: one
+    /// pending push per device is enough (APNs keeps only the latest anyway).
+    AlreadyPending,
+    NotPushable(DeviceError),
 }
 
 /// Remove a pending command; answers whether it was pending.
@@ -97,6 +107,21 @@ pub struct ResetForReenrollment;
 #[derive(Clone, Debug, Message)]
 #[rtype(result = "Result<(), DeviceError>")]
 pub struct RegisterUserChannel(pub String);
+
+/// APNs said this token is dead; ignored if the device has sent a new one since.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "Result<(), DeviceError>")]
+pub struct InvalidatePushToken {
+    pub token: Vec<u8>,
+}
+
+/// The re-push sweep found this enrollment's wake due: answers the push target if the
+/// device should be woken now, and reschedules (or clears) the wake.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "Result<Option<PushTarget>, DeviceError>")]
+pub struct WakeDue {
+    pub attempt: u32,
+}
 
 /// Leave memory now (the registry is over its resident bound).
 #[derive(Clone, Debug, Message)]

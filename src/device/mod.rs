@@ -40,6 +40,10 @@ pub enum UserAuthenticatePolicy {
 #[derive(Clone, Debug)]
 pub struct DeviceSettings {
     pub idle_timeout: Duration,
+    /// Re-push a device with pending commands that has not checked in for this long;
+    /// repeats are spaced exponentially up to `repush_max_interval`.
+    pub repush_after: Duration,
+    pub repush_max_interval: Duration,
     pub max_resident: usize,
     pub user_authenticate: UserAuthenticatePolicy,
 }

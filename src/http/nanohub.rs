@@ -13,7 +13,7 @@ use super::AppState;
 use crate::commands::{self, Delivery};
 use crate::identity::PushCertificate;
 use crate::protocol::command::inspect_command;
-use crate::push::PushOutcome;
+use crate::push::{PushOutcome, TopicStatus};
 use crate::store::{Mutation, PushCertRecord, StoredCommand};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -59,21 +59,6 @@ fn split_ids(ids: &str) -> Result<Vec<String>, Rejection> {
     Ok(ids)
 }
 
-#[derive(Serialize)]
-struct PushCertResponse {
-    topic: String,
-    not_after: String,
-}
-
-impl From<&PushCertRecord> for PushCertResponse {
-    fn from(record: &PushCertRecord) -> Self {
-        PushCertResponse {
-            topic: record.topic.clone(),
-            not_after: rfc3339(record.not_after),
-        }
-    }
-}
-
 pub(super) fn rfc3339(unix_secs: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix_secs)
         .ok()
@@ -84,7 +69,8 @@ pub(super) fn rfc3339(unix_secs: i64) -> String {
         .unwrap_or_default()
 }
 
-/// `PUT /api/v1/nanomdm/pushcert`: PEM certificate + PEM private key.
+/// `PUT /api/v1/nanomdm/pushcert`: PEM certificate + PEM private key, or a PKCS#12
+/// export with its password in the `X-Password` header.
 async fn upload_push_cert(
     req: HttpRequest,
     payload: web::Payload,
@@ -93,7 +79,7 @@ async fn upload_push_cert(
     let body = read_body(&req, payload, &state.settings)
         .await
         .map_err(Rejection::for_api)?;
-    let cert = PushCertificate::from_pem(&body)
+    let cert = parse_push_certificate(&req, &body)
         .map_err(|e| Rejection::api(StatusCode::BAD_REQUEST, e.reason(), e.to_string()))?;
     let record = PushCertRecord {
         topic: cert.topic.clone(),
@@ -107,10 +93,43 @@ async fn upload_push_cert(
         .apply(vec![Mutation::PutPushCert(record.clone())])
         .await
         .map_err(Rejection::store_failure)?;
+    state.push.certificate_changed(&record.topic);
     metrics::gauge!("orchard_push_cert_expiry_seconds", "topic" => record.topic.clone())
         .set(record.not_after as f64);
     tracing::info!(topic = %record.topic, "push certificate stored");
-    Ok(HttpResponse::Ok().json(PushCertResponse::from(&record)))
+    Ok(HttpResponse::Ok().json(push_cert_json(&record, &TopicStatus::Idle)))
+}
+
+fn parse_push_certificate(
+    req: &HttpRequest,
+    body: &[u8],
+) -> Result<PushCertificate, crate::identity::IdentityError> {
+    if body.trim_ascii_start().starts_with(b"-----BEGIN") {
+        return PushCertificate::from_pem(body);
+    }
+    let password = req
+        .headers()
+        .get("X-Password")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    PushCertificate::from_pkcs12(body, password)
+}
+
+/// NanoHUB's `{topic, not_after}`, plus whether Orchard is currently using the topic.
+fn push_cert_json(record: &PushCertRecord, status: &TopicStatus) -> serde_json::Value {
+    let mut json = serde_json::json!({
+        "topic": record.topic,
+        "not_after": rfc3339(record.not_after),
+    });
+    match status {
+        TopicStatus::Stopped { reason } => {
+            json["status"] = "stopped".into();
+            json["stopped_reason"] = reason.clone().into();
+        }
+        TopicStatus::Active => json["status"] = "active".into(),
+        TopicStatus::Idle => json["status"] = "idle".into(),
+    }
+    json
 }
 
 #[derive(Deserialize)]
@@ -133,7 +152,10 @@ async fn get_push_cert(
         None => certs.iter().max_by_key(|c| c.uploaded_at),
     };
     found
-        .map(|record| HttpResponse::Ok().json(PushCertResponse::from(record)))
+        .map(|record| {
+            let status = state.push.topic_status(&record.topic);
+            HttpResponse::Ok().json(push_cert_json(record, &status))
+        })
         .ok_or_else(|| {
             Rejection::api(
                 StatusCode::NOT_FOUND,
@@ -165,7 +187,13 @@ impl EnrolledResult {
                 push_result: Some(apns_id.clone()),
                 ..Default::default()
             },
-            PushOutcome::NotSent { reason } | PushOutcome::Failed { reason } => EnrolledResult {
+            PushOutcome::AlreadyPending => EnrolledResult {
+                push_result: Some("pending".into()),
+                ..Default::default()
+            },
+            PushOutcome::TokenInvalid { reason }
+            | PushOutcome::NotSent { reason }
+            | PushOutcome::Failed { reason } => EnrolledResult {
                 push_error: Some(reason.clone()),
                 ..Default::default()
             },
@@ -284,21 +312,37 @@ async fn push(
 ) -> Result<HttpResponse, Rejection> {
     let ids = route_ids(&req, &ids)?;
     let outcomes = commands::push_enrollments(&state.registry, &*state.push, &ids).await;
-    let failed = outcomes
+    let sent = outcomes
         .iter()
-        .filter(|(_, o)| matches!(o, PushOutcome::Failed { .. }))
+        .filter(|(_, o)| {
+            matches!(
+                o,
+                Ok(PushOutcome::Sent { .. } | PushOutcome::AlreadyPending)
+            )
+        })
         .count();
-    let status = if failed == 0 {
+    let status = if sent == outcomes.len() {
         StatusCode::OK
-    } else if failed < outcomes.len() {
+    } else if sent > 0 {
         StatusCode::MULTI_STATUS
-    } else {
+    } else if outcomes.iter().all(|(_, o)| o.is_err()) {
         StatusCode::NOT_FOUND
+    } else {
+        StatusCode::BAD_GATEWAY
     };
     let body = PushResponse {
         status: outcomes
             .iter()
-            .map(|(id, outcome)| (id.clone(), EnrolledResult::from_push(outcome)))
+            .map(|(id, outcome)| {
+                let result = match outcome {
+                    Ok(outcome) => EnrolledResult::from_push(outcome),
+                    Err(e) => EnrolledResult {
+                        push_error: Some(e.to_string()),
+                        ..Default::default()
+                    },
+                };
+                (id.clone(), result)
+            })
             .collect(),
     };
     Ok(HttpResponse::build(status).json(body))

@@ -46,6 +46,27 @@ impl std::fmt::Debug for PushCertificate {
 }
 
 impl PushCertificate {
+    /// Reads a PKCS#12 export (as Keychain Access or openssl writes it, legacy 3DES/RC2 or
+    /// modern AES) holding the push certificate and its private key.
+    pub fn from_pkcs12(der: &[u8], password: &str) -> Result<PushCertificate, IdentityError> {
+        let keystore = p12_keystore::KeyStore::from_pkcs12(der, password).map_err(|e| {
+            IdentityError::BadPushCert(format!("cannot open the PKCS#12 (wrong password?): {e}"))
+        })?;
+        let (_, chain) = keystore
+            .private_key_chain()
+            .ok_or_else(|| IdentityError::BadPushCert("the PKCS#12 holds no private key".into()))?;
+        let leaf = chain
+            .chain()
+            .first()
+            .ok_or_else(|| IdentityError::BadPushCert("the PKCS#12 holds no certificate".into()))?;
+        let bundle = format!(
+            "{}{}",
+            pem::encode("CERTIFICATE", leaf.as_der()),
+            pem::encode("PRIVATE KEY", chain.key())
+        );
+        PushCertificate::from_pem(bundle.as_bytes())
+    }
+
     /// Reads a PEM certificate and an unencrypted PEM private key (PKCS#8, PKCS#1 or SEC1),
     /// in any order, as NanoMDM's pushcert endpoint accepts them.
     pub fn from_pem(bundle: &[u8]) -> Result<PushCertificate, IdentityError> {
@@ -221,6 +242,39 @@ mod tests {
 
     fn topic_uid() -> Option<DnValue> {
         Some(DnValue::Utf8String(TOPIC.into()))
+    }
+
+    #[test]
+    fn a_pkcs12_export_is_read_with_its_password_legacy_or_modern() {
+        let key = RcgenKeyPair::generate().unwrap();
+        let scratch = Scratch::new();
+        let (cert, key_path) = (scratch.path("push.pem"), scratch.path("push.key"));
+        std::fs::write(&cert, push_cert_pem(&key, topic_uid(), in_a_year())).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        for (name, extra) in [("modern.p12", vec![]), ("legacy.p12", vec!["-legacy"])] {
+            let out = scratch.path(name);
+            let mut args = vec![
+                "pkcs12",
+                "-export",
+                "-in",
+                &cert,
+                "-inkey",
+                &key_path,
+                "-passout",
+                "pass:s3cret",
+                "-out",
+                &out,
+            ];
+            args.extend(extra);
+            openssl(&args);
+            let der = std::fs::read(&out).unwrap();
+            let parsed = PushCertificate::from_pkcs12(&der, "s3cret").unwrap();
+            assert_eq!(parsed.topic, TOPIC, "{name}");
+            assert!(matches!(
+                PushCertificate::from_pkcs12(&der, "wrong"),
+                Err(IdentityError::BadPushCert(_))
+            ));
+        }
     }
 
     /// An RSA key made by openssl, returned as (PKCS#8 PEM, PKCS#1 PEM).

@@ -36,7 +36,7 @@ use tracing::{debug, error, warn};
 
 use super::{
     CertFingerprint, CommandResult, EnrollmentRecord, Mutation, PushCertRecord, QueueEntry, Store,
-    StoreError, StoreResult, StoredCommand,
+    StoreError, StoreResult, StoredCommand, WakeEntry,
 };
 
 /// Name of the database file inside the data directory.
@@ -64,6 +64,10 @@ const RESULTS: TableDefinition<(&str, u64, &str), &[u8]> = TableDefinition::new(
 const RESULT_SEQS: TableDefinition<(&str, &str), u64> = TableDefinition::new("result_seqs");
 /// topic -> [`PushCertRecord`].
 const PUSH_CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("push_certs");
+/// (due Unix seconds, enrollment id) -> attempt: the re-push sweep reads it in time order.
+const WAKES_BY_TIME: TableDefinition<(i64, &str), u32> = TableDefinition::new("wakes_by_time");
+/// enrollment id -> due, so a reschedule can find and replace the old time-ordered row.
+const WAKES_BY_ID: TableDefinition<&str, i64> = TableDefinition::new("wakes_by_id");
 
 /// The embedded, single-node [`Store`].
 pub struct EmbeddedStore {
@@ -314,6 +318,27 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn due_wakes(&self, now: i64, limit: usize) -> StoreResult<Vec<WakeEntry>> {
+        self.read("due_wakes", move |snapshot| {
+            let table = snapshot.open_table(WAKES_BY_TIME).map_err(backend_error)?;
+            let rows = table
+                .range((i64::MIN, "")..(now.saturating_add(1), ""))
+                .map_err(backend_error)?;
+            rows.take(limit)
+                .map(|row| {
+                    let (key, attempt) = row.map_err(backend_error)?;
+                    let (due_at, enrollment_id) = key.value();
+                    Ok(WakeEntry {
+                        enrollment_id: enrollment_id.to_owned(),
+                        due_at,
+                        attempt: attempt.value(),
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
     async fn push_certs(&self) -> StoreResult<Vec<PushCertRecord>> {
         self.read("push_certs", |snapshot| {
             let table = snapshot.open_table(PUSH_CERTS).map_err(backend_error)?;
@@ -372,6 +397,14 @@ enum EncodedMutation {
         topic: String,
         value: Vec<u8>,
     },
+    ScheduleWake {
+        enrollment_id: String,
+        due_at: i64,
+        attempt: u32,
+    },
+    ClearWake {
+        enrollment_id: String,
+    },
 }
 
 impl EncodedMutation {
@@ -417,6 +450,16 @@ impl EncodedMutation {
                 value: encode(&record)?,
                 topic: record.topic,
             },
+            Mutation::ScheduleWake {
+                enrollment_id,
+                due_at,
+                attempt,
+            } => EncodedMutation::ScheduleWake {
+                enrollment_id,
+                due_at,
+                attempt,
+            },
+            Mutation::ClearWake { enrollment_id } => EncodedMutation::ClearWake { enrollment_id },
         })
     }
 
@@ -443,6 +486,10 @@ impl EncodedMutation {
                 ..
             } => 2 * (enrollment_id.len() + command_uuid.len() + 8) + value.len(),
             EncodedMutation::PutPushCert { topic, value } => topic.len() + value.len(),
+            EncodedMutation::ScheduleWake { enrollment_id, .. } => {
+                2 * (enrollment_id.len() + 8) + 4
+            }
+            EncodedMutation::ClearWake { enrollment_id } => enrollment_id.len(),
         }
     }
 }
@@ -534,6 +581,8 @@ struct WriteTables<'txn> {
     results: Table<'txn, (&'static str, u64, &'static str), &'static [u8]>,
     result_seqs: Table<'txn, (&'static str, &'static str), u64>,
     push_certs: Table<'txn, &'static str, &'static [u8]>,
+    wakes_by_time: Table<'txn, (i64, &'static str), u32>,
+    wakes_by_id: Table<'txn, &'static str, i64>,
 }
 
 impl<'txn> WriteTables<'txn> {
@@ -548,6 +597,10 @@ impl<'txn> WriteTables<'txn> {
             results: transaction.open_table(RESULTS).map_err(backend_error)?,
             result_seqs: transaction.open_table(RESULT_SEQS).map_err(backend_error)?,
             push_certs: transaction.open_table(PUSH_CERTS).map_err(backend_error)?,
+            wakes_by_time: transaction
+                .open_table(WAKES_BY_TIME)
+                .map_err(backend_error)?,
+            wakes_by_id: transaction.open_table(WAKES_BY_ID).map_err(backend_error)?,
         })
     }
 
@@ -612,6 +665,34 @@ impl<'txn> WriteTables<'txn> {
                     .insert(topic.as_str(), value.as_slice())
                     .map_err(backend_error)?;
             }
+            EncodedMutation::ScheduleWake {
+                enrollment_id,
+                due_at,
+                attempt,
+            } => {
+                self.clear_wake(enrollment_id)?;
+                self.wakes_by_id
+                    .insert(enrollment_id.as_str(), *due_at)
+                    .map_err(backend_error)?;
+                self.wakes_by_time
+                    .insert((*due_at, enrollment_id.as_str()), *attempt)
+                    .map_err(backend_error)?;
+            }
+            EncodedMutation::ClearWake { enrollment_id } => self.clear_wake(enrollment_id)?,
+        }
+        Ok(())
+    }
+
+    fn clear_wake(&mut self, enrollment_id: &str) -> StoreResult<()> {
+        let previous = self
+            .wakes_by_id
+            .remove(enrollment_id)
+            .map_err(backend_error)?
+            .map(|due| due.value());
+        if let Some(due) = previous {
+            self.wakes_by_time
+                .remove((due, enrollment_id))
+                .map_err(backend_error)?;
         }
         Ok(())
     }

@@ -174,6 +174,25 @@ pub enum Mutation {
         result: CommandResult,
     },
     PutPushCert(PushCertRecord),
+    /// (Re)schedule the enrollment's re-push at `due_at`; replaces any earlier schedule.
+    ScheduleWake {
+        enrollment_id: String,
+        due_at: i64,
+        attempt: u32,
+    },
+    /// Nothing left to wake the enrollment for.
+    ClearWake {
+        enrollment_id: String,
+    },
+}
+
+/// A scheduled re-push: the enrollment has pending commands and should be woken at
+/// `due_at` (Unix seconds) unless it checks in first; `attempt` spaces repeats out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WakeEntry {
+    pub enrollment_id: String,
+    pub due_at: i64,
+    pub attempt: u32,
 }
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -211,4 +230,6 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<CommandResult>>;
     async fn push_cert(&self, topic: &str) -> StoreResult<Option<PushCertRecord>>;
     async fn push_certs(&self) -> StoreResult<Vec<PushCertRecord>>;
+    /// Wakes due at or before `now`, earliest first, at most `limit`.
+    async fn due_wakes(&self, now: i64, limit: usize) -> StoreResult<Vec<WakeEntry>>;
 }

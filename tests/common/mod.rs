@@ -78,6 +78,7 @@ impl Server {
             .args(["--api-key", API_KEY])
             .args(["--client-cert-header", CERT_HEADER])
             .args(["--server-url", "https://mdm.example.test"])
+            .args(self.default_apns_args())
             .args(&self.args)
             .env("ORCHARD_LOG", "warn")
             .stdout(Stdio::piped())
@@ -97,6 +98,16 @@ impl Server {
         std::thread::spawn(move || for _ in lines {});
         self.base = address;
         self.child = Some(child);
+    }
+
+    /// Unless a test points Orchard at its own APNs peer, pushes go to a closed loopback
+    /// port: a test never reaches beyond this machine.
+    fn default_apns_args(&self) -> Vec<&'static str> {
+        if self.args.iter().any(|a| a == "--apns-url") {
+            Vec::new()
+        } else {
+            vec!["--apns-url", "https://127.0.0.1:9"]
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -177,10 +188,27 @@ impl Device {
         to_xml(&message)
     }
 
+    /// The real TokenUpdate fixture, re-addressed to this device with its own push token
+    /// and PushMagic.
     pub fn token_update(&self) -> Vec<u8> {
         let mut message = fixture_dict("nanomdm/TokenUpdate.2.plist");
         message.insert("UDID".into(), self.udid.clone().into());
+        message.insert("Token".into(), Value::Data(self.push_token()));
+        message.insert("PushMagic".into(), self.push_magic().into());
         to_xml(&message)
+    }
+
+    pub fn push_token(&self) -> Vec<u8> {
+        use sha2::Digest;
+        sha2::Sha256::digest(self.udid.as_bytes()).to_vec()
+    }
+
+    pub fn push_token_hex(&self) -> String {
+        hex::encode(self.push_token())
+    }
+
+    pub fn push_magic(&self) -> String {
+        format!("MAGIC-{}", self.udid)
     }
 
     pub fn idle(&self) -> Vec<u8> {
@@ -348,12 +376,11 @@ pub fn push_certificate_pem(topic: &str) -> String {
 }
 
 pub async fn upload_push_cert(server: &Server) {
-    let (status, body) = api_put(
-        server,
-        "/api/v1/nanomdm/pushcert",
-        push_certificate_pem(TOPIC).into_bytes(),
-    )
-    .await;
+    upload_this_push_cert(server, &push_certificate_pem(TOPIC)).await;
+}
+
+pub async fn upload_this_push_cert(server: &Server, pem: &str) {
+    let (status, body) = api_put(server, "/api/v1/nanomdm/pushcert", pem.as_bytes().to_vec()).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["topic"], TOPIC);
 }
@@ -361,4 +388,72 @@ pub async fn upload_push_cert(server: &Server) {
 pub async fn metrics_text(server: &Server) -> String {
     let response = client().get(server.url("/metrics")).send().await.unwrap();
     String::from_utf8(body_of(response).await).unwrap()
+}
+
+/// A local APNs peer on its own runtime thread, so that it answers while a test blocks.
+pub struct Peer {
+    pub peer: apns_peer::ApnsPeer,
+    ca_file: tempfile::NamedTempFile,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Peer {
+    /// Started from a plain thread: a runtime cannot be built or entered from inside the
+    /// test's own.
+    pub fn start(config: apns_peer::PeerConfig) -> Peer {
+        let (runtime, peer) = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let peer = runtime
+                .block_on(apns_peer::ApnsPeer::start(config))
+                .unwrap();
+            (runtime, peer)
+        })
+        .join()
+        .unwrap();
+        let ca_file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(ca_file.path(), peer.ca_pem()).unwrap();
+        Peer {
+            peer,
+            ca_file,
+            runtime: Some(runtime),
+        }
+    }
+
+    /// Flags that point Orchard at this peer.
+    pub fn server_args(&self) -> Vec<String> {
+        vec![
+            "--apns-url".into(),
+            self.peer.url(),
+            "--apns-ca".into(),
+            self.ca_file.path().display().to_string(),
+        ]
+    }
+
+    /// Pushes answered 200 for one device token.
+    pub fn delivered_to(&self, device: &Device) -> usize {
+        let token = device.push_token_hex();
+        self.peer
+            .recent()
+            .iter()
+            .filter(|p| p.token_hex == token && p.status == 200)
+            .count()
+    }
+}
+
+/// The DER of the first certificate in a PEM bundle.
+pub fn certificate_der(pem: &str) -> rustls::pki_types::CertificateDer<'static> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
