@@ -19,9 +19,10 @@ const BATCH: usize = 100_000;
 
 fn push_certificate() -> (String, String) {
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CustomDnType(vec![0, 9, 2342, 19200300, 100, 1, 1]), TOPIC);
+    params.distinguished_name.push(
+        rcgen::DnType::CustomDnType(vec![0, 9, 2342, 19200300, 100, 1, 1]),
+        TOPIC,
+    );
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = params.self_signed(&key).unwrap();
     (cert.pem(), key.serialize_pem())
@@ -67,13 +68,19 @@ fn main() {
         .unwrap();
     let peer = peer_runtime
         .block_on(ApnsPeer::start(PeerConfig {
-            trusted_client_certs: vec![rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap()],
+            trusted_client_certs: vec![rustls::pki_types::CertificateDer::from_pem_slice(
+                cert_pem.as_bytes(),
+            )
+            .unwrap()],
             ..PeerConfig::default()
         }))
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = EmbeddedStore::open(dir.path()).unwrap();
-    let client_runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let client_runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     client_runtime
         .block_on(store.apply(vec![Mutation::PutPushCert(PushCertRecord {
             topic: TOPIC.into(),
@@ -92,19 +99,36 @@ fn main() {
     let mut sent = 0usize;
     let mut next = 0u64;
     while next < total {
-        let batch: Vec<PushTarget> = (next..(next + BATCH as u64).min(total)).map(target).collect();
+        let batch: Vec<PushTarget> = (next..(next + BATCH as u64).min(total))
+            .map(target)
+            .collect();
         next += batch.len() as u64;
         let outcomes = client_runtime.block_on(push.push(&batch));
         sent += outcomes.iter().filter(|o| o.is_sent()).count();
-        eprint!("\r{next}/{total} pushed, {:.0}/s", next as f64 / started.elapsed().as_secs_f64());
+        eprint!(
+            "\r{next}/{total} pushed, {:.0}/s",
+            next as f64 / started.elapsed().as_secs_f64()
+        );
     }
     let elapsed = started.elapsed();
     eprintln!();
     println!("pushes:            {total}");
-    println!("accepted by peer:  {sent} (peer counted {})", peer.push_count());
+    println!(
+        "accepted by peer:  {sent} (peer counted {})",
+        peer.push_count()
+    );
     println!("elapsed:           {:.2} s", elapsed.as_secs_f64());
-    println!("throughput:        {:.0} pushes/s", total as f64 / elapsed.as_secs_f64());
-    println!("connections used:  {} (configured {connections})", peer.connections_accepted());
-    println!("peak RSS:          {} MiB (engine, store and peer in one process)", peak_rss_kib() / 1024);
+    println!(
+        "throughput:        {:.0} pushes/s",
+        total as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "connections used:  {} (configured {connections})",
+        peer.connections_accepted()
+    );
+    println!(
+        "peak RSS:          {} MiB (engine, store and peer in one process)",
+        peak_rss_kib() / 1024
+    );
     assert_eq!(sent as u64, total, "every push was accepted");
 }
