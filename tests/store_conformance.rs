@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use orchard::store::embedded::EmbeddedStore;
 use orchard::store::{
-    CommandResult, EnrollmentKind, EnrollmentRecord, Mutation, PushCertRecord, PushInfo,
-    QueueEntry, ResultStatus, Store, StoredCommand, WakeEntry,
+    CommandResult, DeclarationRecord, DeclarationSet, EnrollmentKind, EnrollmentRecord, Mutation,
+    PushCertRecord, PushInfo, QueueEntry, ResultStatus, Store, StoredCommand, WakeEntry,
 };
 
 /// A fresh, empty storage location that can be opened (and reopened) as a store.
@@ -81,6 +81,9 @@ macro_rules! conformance_suite {
                 results_belong_to_their_enrollment_only,
                 push_certificates_are_kept_per_topic,
                 wakes_come_due_in_time_order_and_reschedule_in_place,
+                declarations_and_sets_are_upserted_and_deleted_whole,
+                set_members_page_per_set,
+                ddm_state_is_kept_per_enrollment,
                 a_batch_becomes_visible_as_a_whole,
                 an_empty_batch_is_accepted,
                 acknowledged_writes_survive_reopening,
@@ -377,6 +380,111 @@ mod cases {
             .map(|w| w.enrollment_id)
             .collect();
         assert_eq!(ids, ["early", "later"]);
+    }
+
+    pub async fn declarations_and_sets_are_upserted_and_deleted_whole<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        let declaration = |id: &str, token: &str| DeclarationRecord {
+            identifier: id.into(),
+            declaration_type: "com.apple.configuration.management.test".into(),
+            payload_json: r#"{"Echo":"hi"}"#.into(),
+            server_token: token.into(),
+            touch: 0,
+            updated_at: 1,
+        };
+        let set = |name: &str, ids: &[&str]| DeclarationSet {
+            name: name.into(),
+            declarations: ids.iter().map(|s| s.to_string()).collect(),
+        };
+        apply(
+            &store,
+            vec![
+                Mutation::PutDeclaration(declaration("a", "t1")),
+                Mutation::PutDeclaration(declaration("b", "t1")),
+                Mutation::PutSet(set("default", &["a", "b"])),
+            ],
+        )
+        .await;
+        apply(
+            &store,
+            vec![
+                Mutation::PutDeclaration(declaration("a", "t2")),
+                Mutation::DeleteDeclaration {
+                    identifier: "b".into(),
+                },
+                Mutation::PutSet(set("default", &["a"])),
+                Mutation::PutSet(set("other", &[])),
+                Mutation::DeleteSet {
+                    name: "other".into(),
+                },
+            ],
+        )
+        .await;
+        assert_eq!(
+            store.declarations().await.unwrap(),
+            [declaration("a", "t2")]
+        );
+        assert_eq!(store.sets().await.unwrap(), [set("default", &["a"])]);
+    }
+
+    pub async fn set_members_page_per_set<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        let member = |set: &str, id: &str| Mutation::PutSetMember {
+            set: set.into(),
+            enrollment_id: id.into(),
+        };
+        apply(
+            &store,
+            vec![
+                member("s", "d2"),
+                member("s", "d1"),
+                member("s", "d3"),
+                member("s-other", "d9"),
+                member("t", "d1"),
+            ],
+        )
+        .await;
+        assert_eq!(
+            store.set_members("s", None, 10).await.unwrap(),
+            ["d1", "d2", "d3"]
+        );
+        assert_eq!(store.set_members("s", Some("d1"), 1).await.unwrap(), ["d2"]);
+        apply(
+            &store,
+            vec![Mutation::RemoveSetMember {
+                set: "s".into(),
+                enrollment_id: "d2".into(),
+            }],
+        )
+        .await;
+        assert_eq!(
+            store.set_members("s", None, 10).await.unwrap(),
+            ["d1", "d3"]
+        );
+        assert!(store
+            .set_members("nobody-set", None, 10)
+            .await
+            .unwrap()
+            .is_empty());
+    }
+
+    pub async fn ddm_state_is_kept_per_enrollment<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        let put = |id: &str, state: &[u8]| Mutation::PutDdmState {
+            enrollment_id: id.into(),
+            state: state.to_vec(),
+        };
+        apply(&store, vec![put("d1", b"one"), put("d2", b"two")]).await;
+        apply(&store, vec![put("d1", b"uno")]).await;
+        assert_eq!(
+            store.ddm_state("d1").await.unwrap().as_deref(),
+            Some(&b"uno"[..])
+        );
+        assert_eq!(
+            store.ddm_state("d2").await.unwrap().as_deref(),
+            Some(&b"two"[..])
+        );
+        assert_eq!(store.ddm_state("d3").await.unwrap(), None);
     }
 
     pub async fn push_certificates_are_kept_per_topic<B: Backend>(backend: B) {

@@ -35,8 +35,8 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
 use super::{
-    CertFingerprint, CommandResult, EnrollmentRecord, Mutation, PushCertRecord, QueueEntry, Store,
-    StoreError, StoreResult, StoredCommand, WakeEntry,
+    CertFingerprint, CommandResult, DeclarationRecord, DeclarationSet, EnrollmentRecord, Mutation,
+    PushCertRecord, QueueEntry, Store, StoreError, StoreResult, StoredCommand, WakeEntry,
 };
 
 /// Name of the database file inside the data directory.
@@ -68,6 +68,11 @@ const PUSH_CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("push_cert
 const WAKES_BY_TIME: TableDefinition<(i64, &str), u32> = TableDefinition::new("wakes_by_time");
 /// enrollment id -> due, so a reschedule can find and replace the old time-ordered row.
 const WAKES_BY_ID: TableDefinition<&str, i64> = TableDefinition::new("wakes_by_id");
+const DECLARATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("declarations");
+const SETS: TableDefinition<&str, &[u8]> = TableDefinition::new("sets");
+/// (set, enrollment id) -> (): who is assigned each set.
+const SET_MEMBERS: TableDefinition<(&str, &str), ()> = TableDefinition::new("set_members");
+const DDM_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("ddm_state");
 
 /// The embedded, single-node [`Store`].
 pub struct EmbeddedStore {
@@ -339,15 +344,61 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn declarations(&self) -> StoreResult<Vec<DeclarationRecord>> {
+        self.read("declarations", |snapshot| {
+            decode_all(snapshot, DECLARATIONS, "declaration")
+        })
+        .await
+    }
+
+    async fn sets(&self) -> StoreResult<Vec<DeclarationSet>> {
+        self.read("sets", |snapshot| {
+            decode_all(snapshot, SETS, "declaration set")
+        })
+        .await
+    }
+
+    async fn set_members(
+        &self,
+        set: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<String>> {
+        let set = set.to_owned();
+        let after = after.map(str::to_owned);
+        self.read("set_members", move |snapshot| {
+            let table = snapshot.open_table(SET_MEMBERS).map_err(backend_error)?;
+            let start = after
+                .as_deref()
+                .map(enrollment_successor)
+                .unwrap_or_default();
+            let end = enrollment_successor(&set);
+            let rows = table
+                .range((set.as_str(), start.as_str())..(end.as_str(), ""))
+                .map_err(backend_error)?;
+            rows.take(limit)
+                .map(|row| {
+                    let (key, _) = row.map_err(backend_error)?;
+                    Ok(key.value().1.to_owned())
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn ddm_state(&self, enrollment_id: &str) -> StoreResult<Option<Vec<u8>>> {
+        let id = enrollment_id.to_owned();
+        self.read("ddm_state", move |snapshot| {
+            let table = snapshot.open_table(DDM_STATE).map_err(backend_error)?;
+            let value = table.get(id.as_str()).map_err(backend_error)?;
+            Ok(value.map(|v| v.value().to_vec()))
+        })
+        .await
+    }
+
     async fn push_certs(&self) -> StoreResult<Vec<PushCertRecord>> {
         self.read("push_certs", |snapshot| {
-            let table = snapshot.open_table(PUSH_CERTS).map_err(backend_error)?;
-            let rows = table.iter().map_err(backend_error)?;
-            rows.map(|row| {
-                let (topic, value) = row.map_err(backend_error)?;
-                decode("push certificate", topic.value(), value.value())
-            })
-            .collect()
+            decode_all(snapshot, PUSH_CERTS, "push certificate")
         })
         .await
     }
@@ -405,6 +456,32 @@ enum EncodedMutation {
     ClearWake {
         enrollment_id: String,
     },
+    /// Declarations, sets and DDM state: `(table, key, value)` rows.
+    PutRow {
+        table: KeyedTable,
+        key: String,
+        value: Vec<u8>,
+    },
+    DeleteRow {
+        table: KeyedTable,
+        key: String,
+    },
+    PutSetMember {
+        set: String,
+        enrollment_id: String,
+    },
+    RemoveSetMember {
+        set: String,
+        enrollment_id: String,
+    },
+}
+
+/// The string-keyed blob tables written whole.
+#[derive(Clone, Copy)]
+enum KeyedTable {
+    Declarations,
+    Sets,
+    DdmState,
 }
 
 impl EncodedMutation {
@@ -460,6 +537,38 @@ impl EncodedMutation {
                 attempt,
             },
             Mutation::ClearWake { enrollment_id } => EncodedMutation::ClearWake { enrollment_id },
+            Mutation::PutDeclaration(record) => EncodedMutation::PutRow {
+                table: KeyedTable::Declarations,
+                value: encode(&record)?,
+                key: record.identifier,
+            },
+            Mutation::DeleteDeclaration { identifier } => EncodedMutation::DeleteRow {
+                table: KeyedTable::Declarations,
+                key: identifier,
+            },
+            Mutation::PutSet(set) => EncodedMutation::PutRow {
+                table: KeyedTable::Sets,
+                value: encode(&set)?,
+                key: set.name,
+            },
+            Mutation::DeleteSet { name } => EncodedMutation::DeleteRow {
+                table: KeyedTable::Sets,
+                key: name,
+            },
+            Mutation::PutSetMember { set, enrollment_id } => {
+                EncodedMutation::PutSetMember { set, enrollment_id }
+            }
+            Mutation::RemoveSetMember { set, enrollment_id } => {
+                EncodedMutation::RemoveSetMember { set, enrollment_id }
+            }
+            Mutation::PutDdmState {
+                enrollment_id,
+                state,
+            } => EncodedMutation::PutRow {
+                table: KeyedTable::DdmState,
+                key: enrollment_id,
+                value: state,
+            },
         })
     }
 
@@ -490,6 +599,12 @@ impl EncodedMutation {
                 2 * (enrollment_id.len() + 8) + 4
             }
             EncodedMutation::ClearWake { enrollment_id } => enrollment_id.len(),
+            EncodedMutation::PutRow { key, value, .. } => key.len() + value.len(),
+            EncodedMutation::DeleteRow { key, .. } => key.len(),
+            EncodedMutation::PutSetMember { set, enrollment_id }
+            | EncodedMutation::RemoveSetMember { set, enrollment_id } => {
+                set.len() + enrollment_id.len()
+            }
         }
     }
 }
@@ -583,6 +698,10 @@ struct WriteTables<'txn> {
     push_certs: Table<'txn, &'static str, &'static [u8]>,
     wakes_by_time: Table<'txn, (i64, &'static str), u32>,
     wakes_by_id: Table<'txn, &'static str, i64>,
+    declarations: Table<'txn, &'static str, &'static [u8]>,
+    sets: Table<'txn, &'static str, &'static [u8]>,
+    set_members: Table<'txn, (&'static str, &'static str), ()>,
+    ddm_state: Table<'txn, &'static str, &'static [u8]>,
 }
 
 impl<'txn> WriteTables<'txn> {
@@ -601,6 +720,12 @@ impl<'txn> WriteTables<'txn> {
                 .open_table(WAKES_BY_TIME)
                 .map_err(backend_error)?,
             wakes_by_id: transaction.open_table(WAKES_BY_ID).map_err(backend_error)?,
+            declarations: transaction
+                .open_table(DECLARATIONS)
+                .map_err(backend_error)?,
+            sets: transaction.open_table(SETS).map_err(backend_error)?,
+            set_members: transaction.open_table(SET_MEMBERS).map_err(backend_error)?,
+            ddm_state: transaction.open_table(DDM_STATE).map_err(backend_error)?,
         })
     }
 
@@ -679,8 +804,36 @@ impl<'txn> WriteTables<'txn> {
                     .map_err(backend_error)?;
             }
             EncodedMutation::ClearWake { enrollment_id } => self.clear_wake(enrollment_id)?,
+            EncodedMutation::PutRow { table, key, value } => {
+                self.keyed(*table)
+                    .insert(key.as_str(), value.as_slice())
+                    .map_err(backend_error)?;
+            }
+            EncodedMutation::DeleteRow { table, key } => {
+                self.keyed(*table)
+                    .remove(key.as_str())
+                    .map_err(backend_error)?;
+            }
+            EncodedMutation::PutSetMember { set, enrollment_id } => {
+                self.set_members
+                    .insert((set.as_str(), enrollment_id.as_str()), ())
+                    .map_err(backend_error)?;
+            }
+            EncodedMutation::RemoveSetMember { set, enrollment_id } => {
+                self.set_members
+                    .remove((set.as_str(), enrollment_id.as_str()))
+                    .map_err(backend_error)?;
+            }
         }
         Ok(())
+    }
+
+    fn keyed(&mut self, table: KeyedTable) -> &mut Table<'txn, &'static str, &'static [u8]> {
+        match table {
+            KeyedTable::Declarations => &mut self.declarations,
+            KeyedTable::Sets => &mut self.sets,
+            KeyedTable::DdmState => &mut self.ddm_state,
+        }
     }
 
     fn clear_wake(&mut self, enrollment_id: &str) -> StoreResult<()> {
@@ -720,6 +873,21 @@ impl<'txn> WriteTables<'txn> {
             .map_err(backend_error)?;
         Ok(())
     }
+}
+
+/// Decode every row of a string-keyed table.
+fn decode_all<T: DeserializeOwned>(
+    snapshot: &ReadTransaction,
+    definition: TableDefinition<&str, &[u8]>,
+    kind: &str,
+) -> StoreResult<Vec<T>> {
+    let table = snapshot.open_table(definition).map_err(backend_error)?;
+    let rows = table.iter().map_err(backend_error)?;
+    rows.map(|row| {
+        let (key, value) = row.map_err(backend_error)?;
+        decode(kind, key.value(), value.value())
+    })
+    .collect()
 }
 
 /// Create every table once, so that read snapshots never meet a missing table.

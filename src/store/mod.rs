@@ -142,6 +142,27 @@ pub struct PushCertRecord {
     pub uploaded_at: i64,
 }
 
+/// A published declaration (the DDM catalog), keyed by its Identifier.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeclarationRecord {
+    pub identifier: String,
+    pub declaration_type: String,
+    /// The `Payload` object as canonical JSON.
+    pub payload_json: String,
+    pub server_token: String,
+    /// Touches force a new ServerToken without a content change.
+    pub touch: u64,
+    /// Unix seconds.
+    pub updated_at: i64,
+}
+
+/// A named set of declaration identifiers; enrollments are assigned sets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeclarationSet {
+    pub name: String,
+    pub declarations: Vec<String>,
+}
+
 /// One write in an atomic, durable batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Mutation {
@@ -183,6 +204,29 @@ pub enum Mutation {
     /// Nothing left to wake the enrollment for.
     ClearWake {
         enrollment_id: String,
+    },
+    PutDeclaration(DeclarationRecord),
+    DeleteDeclaration {
+        identifier: String,
+    },
+    PutSet(DeclarationSet),
+    DeleteSet {
+        name: String,
+    },
+    /// Reverse index set -> enrollments, so a catalog change finds whom it affects.
+    PutSetMember {
+        set: String,
+        enrollment_id: String,
+    },
+    RemoveSetMember {
+        set: String,
+        enrollment_id: String,
+    },
+    /// The enrollment's DDM state (assigned sets, merged status, sync timeline), encoded
+    /// by the DDM layer and written whole by the enrollment's actor.
+    PutDdmState {
+        enrollment_id: String,
+        state: Vec<u8>,
     },
 }
 
@@ -232,4 +276,15 @@ pub trait Store: Send + Sync + 'static {
     async fn push_certs(&self) -> StoreResult<Vec<PushCertRecord>>;
     /// Wakes due at or before `now`, earliest first, at most `limit`.
     async fn due_wakes(&self, now: i64, limit: usize) -> StoreResult<Vec<WakeEntry>>;
+    /// The whole declaration catalog (small: it is loaded into memory at startup).
+    async fn declarations(&self) -> StoreResult<Vec<DeclarationRecord>>;
+    async fn sets(&self) -> StoreResult<Vec<DeclarationSet>>;
+    /// Enrollments assigned `set`, in id order, strictly after `after`, at most `limit`.
+    async fn set_members(
+        &self,
+        set: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<String>>;
+    async fn ddm_state(&self, enrollment_id: &str) -> StoreResult<Option<Vec<u8>>>;
 }

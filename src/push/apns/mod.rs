@@ -157,6 +157,8 @@ struct Engine {
 
 impl Engine {
     async fn push_all(self: Arc<Self>, targets: Vec<PushTarget>) -> Vec<PushOutcome> {
+        let now = Instant::now();
+        self.throttled.retain(|_, until| *until > now);
         let limit = self.settings.max_in_flight.max(1);
         stream::iter(targets)
             .map(|target| Arc::clone(&self).push_coalesced(target))
