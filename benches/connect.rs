@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use orchard::cluster::ShardMap;
+use orchard::ddm::catalog::Catalog;
 use orchard::device::messages::{Caller, Enqueue, HandleCheckin, HandleConnect};
 use orchard::device::{DeviceSettings, Registry, UserAuthenticatePolicy};
 use orchard::identity::{CertificateAuthority, IdentityVerifier};
@@ -65,7 +66,8 @@ async fn enrolled_device() -> Fixture {
         max_resident: 1000,
         user_authenticate: UserAuthenticatePolicy::Decline,
     };
-    let registry = Registry::new(store, settings, ShardMap::single_node("bench"));
+    let catalog = Arc::new(Catalog::load(store.clone()).await.unwrap());
+    let registry = Registry::new(store, catalog, settings, ShardMap::single_node("bench"));
     for message in [
         "nanomdm/Authenticate.2.plist",
         "nanomdm/TokenUpdate.2.plist",

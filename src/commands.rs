@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use futures_util::{stream, StreamExt};
 
-use crate::device::messages::{Enqueue, GetPushTarget, InvalidatePushToken, PushDecision, WakeDue};
+use crate::device::messages::{
+    Enqueue, GetPushTarget, InvalidatePushToken, PushDecision, SyncDeclarations, WakeDue,
+};
 use crate::device::{DeviceError, Registry};
 use crate::push::{Push, PushOutcome, PushTarget};
 use crate::store::{Mutation, Store, StoreError, StoredCommand};
@@ -186,4 +188,58 @@ pub async fn push_enrollments(
         outcomes[slot].1 = Ok(outcome);
     }
     outcomes
+}
+
+/// Members of `sets` (each once), paging through the store's set index.
+pub async fn set_members(store: &dyn Store, sets: &[String]) -> Result<Vec<String>, StoreError> {
+    let mut members = std::collections::BTreeSet::new();
+    for set in sets {
+        let mut after: Option<String> = None;
+        loop {
+            let page = store
+                .set_members(set, after.as_deref(), SWEEP_BATCH)
+                .await?;
+            let full = page.len() == SWEEP_BATCH;
+            after = page.last().cloned();
+            members.extend(page);
+            if !full {
+                break;
+            }
+        }
+    }
+    Ok(members.into_iter().collect())
+}
+
+/// Start a DDM sync on every enrollment given: one DeclarativeManagement command each
+/// (carrying the tokens when it goes to one device, as they are then known to be its
+/// own), then one batched push. Answers how many enrollments queued the command.
+pub async fn sync_declarations(registry: &Arc<Registry>, push: &dyn Push, ids: &[String]) -> usize {
+    let with_tokens = ids.len() == 1;
+    let decisions: Vec<(String, Result<PushDecision, DeviceError>)> = stream::iter(ids)
+        .map(|id| async move {
+            (
+                id.clone(),
+                registry.call(id, SyncDeclarations { with_tokens }).await,
+            )
+        })
+        .buffered(FAN_OUT)
+        .collect()
+        .await;
+    let queued = decisions.iter().filter(|(_, d)| d.is_ok()).count();
+    let targets: Vec<PushTarget> = decisions
+        .into_iter()
+        .filter_map(|(id, decision)| match decision {
+            Ok(PushDecision::Push(target)) => Some(target),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(enrollment_id = %id, error = %e, "could not queue a DDM sync");
+                None
+            }
+        })
+        .collect();
+    metrics::counter!("orchard_ddm_syncs_triggered_total").increment(queued as u64);
+    if !targets.is_empty() {
+        dispatch(registry, push, &targets).await;
+    }
+    queued
 }

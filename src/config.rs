@@ -143,6 +143,11 @@ pub struct ServeArgs {
     )]
     pub user_authenticate: UserAuthenticateMode,
 
+    /// Sync doctor: seconds after `declaration-items` with no body fetched (or no status
+    /// after fetches) that count as a stalled sync.
+    #[arg(long, env = "ORCHARD_DDM_STALL_AFTER", default_value_t = 120)]
+    pub ddm_stall_after: u64,
+
     /// AccessRights in generated enrollment profiles (1..=8191).
     #[arg(long, env = "ORCHARD_ACCESS_RIGHTS", default_value_t = 8191)]
     pub access_rights: u64,

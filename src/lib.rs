@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod commands;
 pub mod config;
+pub mod ddm;
 pub mod device;
 pub mod enroll;
 pub mod http;

@@ -11,6 +11,7 @@ use rustls_pki_types::CertificateDer;
 
 use crate::cluster::ShardMap;
 use crate::config::{ServeArgs, StoreKind, UserAuthenticateMode};
+use crate::ddm::catalog::Catalog;
 use crate::device::{DeviceSettings, Registry, UserAuthenticatePolicy};
 use crate::enroll::EnrollmentProfiles;
 use crate::http::{self, AppState, HttpSettings};
@@ -97,11 +98,22 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
         client_cert_header: args.client_cert_header.clone(),
         max_body_bytes: args.max_body_bytes,
         body_timeout: Duration::from_secs(args.request_timeout_secs.max(1)),
+        ddm_stall_after_secs: args.ddm_stall_after as i64,
     };
     let timeout = http_settings.body_timeout;
     actix_web::rt::System::new().block_on(async move {
         publish_push_cert_expiry(&*store).await;
-        let registry = Registry::new(Arc::clone(&store), settings, ShardMap::single_node("local"));
+        let catalog = Arc::new(
+            Catalog::load(Arc::clone(&store))
+                .await
+                .map_err(|e| fail("declaration catalog", e))?,
+        );
+        let registry = Registry::new(
+            Arc::clone(&store),
+            catalog,
+            settings,
+            ShardMap::single_node("local"),
+        );
         let state = web::Data::new(AppState::new(
             http_settings,
             Arc::clone(&store),

@@ -485,6 +485,10 @@ mod cases {
             Some(&b"two"[..])
         );
         assert_eq!(store.ddm_state("d3").await.unwrap(), None);
+        let page = store.ddm_states(None, 1).await.unwrap();
+        assert_eq!(page, [("d1".to_string(), b"uno".to_vec())]);
+        let rest = store.ddm_states(Some("d1"), 10).await.unwrap();
+        assert_eq!(rest, [("d2".to_string(), b"two".to_vec())]);
     }
 
     pub async fn push_certificates_are_kept_per_topic<B: Backend>(backend: B) {

@@ -11,6 +11,7 @@ use actix::prelude::*;
 use super::messages::*;
 use super::queue::{CommandQueue, Pending};
 use super::{now_millis, now_secs, DeviceError, Registry, UserAuthenticatePolicy};
+use crate::ddm::sync::DdmState;
 use crate::protocol::checkin;
 use crate::protocol::checkin::{Authenticate, CheckinMessage, TokenUpdate};
 use crate::protocol::connect::{ConnectReport, ReportStatus};
@@ -28,11 +29,11 @@ const LAST_SEEN_FLUSH_SECS: i64 = 300;
 /// enqueues do not push again (the re-push sweep covers a lost wake-up).
 const PUSH_PENDING_WINDOW: Duration = Duration::from_secs(60);
 
-type Reply<T> = AtomicResponse<DeviceActor, Result<T, DeviceError>>;
+pub(super) type Reply<T> = AtomicResponse<DeviceActor, Result<T, DeviceError>>;
 
 pub struct DeviceActor {
-    id: String,
-    registry: Arc<Registry>,
+    pub(super) id: String,
+    pub(super) registry: Arc<Registry>,
     incarnation: u64,
     last_active: Arc<AtomicU64>,
     state: State,
@@ -44,9 +45,14 @@ enum State {
     Failed(DeviceError),
 }
 
-struct Loaded {
-    record: Option<EnrollmentRecord>,
-    queue: CommandQueue,
+pub(super) struct Loaded {
+    pub(super) record: Option<EnrollmentRecord>,
+    pub(super) queue: CommandQueue,
+    /// Assigned sets, merged status and sync timeline.
+    pub(super) ddm: DdmState,
+    /// The DDM timeline changed since it was last written (it is diagnostic: flushed with
+    /// the next write or at passivation; status reports are written before their 200).
+    pub(super) ddm_dirty: bool,
     /// `last_seen` as stored; the in-memory record may be newer.
     persisted_last_seen: i64,
     /// A re-push is (or may be) scheduled in the store for this enrollment.
@@ -71,11 +77,11 @@ impl DeviceActor {
         }
     }
 
-    fn touch(&self) {
+    pub(super) fn touch(&self) {
         self.last_active.store(now_millis(), Ordering::Relaxed);
     }
 
-    fn loaded(&mut self) -> Result<&mut Loaded, DeviceError> {
+    pub(super) fn loaded(&mut self) -> Result<&mut Loaded, DeviceError> {
         match &mut self.state {
             State::Ready(loaded) => Ok(loaded),
             State::Failed(e) => Err(e.clone()),
@@ -83,7 +89,7 @@ impl DeviceActor {
         }
     }
 
-    fn record(&mut self) -> Result<&mut EnrollmentRecord, DeviceError> {
+    pub(super) fn record(&mut self) -> Result<&mut EnrollmentRecord, DeviceError> {
         let id = self.id.clone();
         self.loaded()?
             .record
@@ -109,7 +115,7 @@ impl DeviceActor {
 
     /// Persist `batch`, then answer `reply`; on failure forget memory and stop, so the next
     /// message reloads what is durable.
-    fn commit<T: 'static>(&mut self, batch: Vec<Mutation>, reply: T) -> Reply<T> {
+    pub(super) fn commit<T: 'static>(&mut self, batch: Vec<Mutation>, reply: T) -> Reply<T> {
         AtomicResponse::new(self.commit_future(batch, reply))
     }
 
@@ -139,7 +145,7 @@ impl DeviceActor {
         ))
     }
 
-    fn immediate<T: 'static>(result: Result<T, DeviceError>) -> Reply<T> {
+    pub(super) fn immediate<T: 'static>(result: Result<T, DeviceError>) -> Reply<T> {
         AtomicResponse::new(Box::pin(ready(result)))
     }
 
@@ -153,7 +159,7 @@ impl DeviceActor {
     }
 
     /// Push for a new command unless a push is already pending for this device.
-    fn push_decision(&mut self) -> PushDecision {
+    pub(super) fn push_decision(&mut self) -> PushDecision {
         let target = match self.push_target() {
             Ok(target) => target,
             Err(e) => return PushDecision::NotPushable(e),
@@ -247,7 +253,9 @@ impl DeviceActor {
             }
         }
         loaded.queue.clear();
+        loaded.ddm.reset(now);
         loaded.record = Some(record);
+        batch.push(self.ddm_mutation());
         tracing::info!(enrollment_id = %self.id, "device authenticated; new enrollment generation");
         self.commit_future(batch, CheckinReply::Accepted)
     }
@@ -283,7 +291,15 @@ impl DeviceActor {
         record.awaiting_configuration = message.awaiting_configuration;
         record.token_update_count += 1;
         record.last_seen = now;
-        let batch = vec![Mutation::PutEnrollment(record.clone())];
+        let enrolled_just_now = record.token_update_count == 1;
+        let mut batch = vec![Mutation::PutEnrollment(record.clone())];
+        let has_declarations = !loaded.ddm.sets.is_empty();
+        if enrolled_just_now && has_declarations {
+            // A (re-)enrolled device has no DDM state: start a sync right away.
+            if let Err(e) = self.queue_sync_command(true, &mut batch) {
+                return Self::immediate(Err(e));
+            }
+        }
         if !first_for_user_channel {
             return self.commit(batch, CheckinReply::Accepted);
         }
@@ -511,7 +527,7 @@ impl DeviceActor {
     }
 
     /// Wake the device later if it does not come back for its pending commands.
-    fn schedule_wake(&mut self, batch: &mut Vec<Mutation>, due_at: i64, attempt: u32) {
+    pub(super) fn schedule_wake(&mut self, batch: &mut Vec<Mutation>, due_at: i64, attempt: u32) {
         if let Ok(loaded) = self.loaded() {
             loaded.wake_scheduled = true;
         }
@@ -533,7 +549,7 @@ impl DeviceActor {
         }
     }
 
-    fn first_wake_due(&self) -> i64 {
+    pub(super) fn first_wake_due(&self) -> i64 {
         now_secs() + self.registry.settings().repush_after.as_secs() as i64
     }
 
@@ -544,7 +560,7 @@ impl DeviceActor {
         }
     }
 
-    fn push_target(&mut self) -> Result<PushTarget, DeviceError> {
+    pub(super) fn push_target(&mut self) -> Result<PushTarget, DeviceError> {
         let record = self.record()?;
         if !record.enabled {
             return Err(DeviceError::NotPushable(
@@ -574,6 +590,12 @@ impl DeviceActor {
         let id = self.id.clone();
         let load = async move {
             let record = store.enrollment(&id).await?;
+            let ddm = match store.ddm_state(&id).await? {
+                Some(bytes) => DdmState::decode(&bytes).map_err(|e| {
+                    crate::store::StoreError::Corrupt(format!("DDM state of {id}: {e}"))
+                })?,
+                None => DdmState::default(),
+            };
             let mut pending = Vec::new();
             for entry in store.queue(&id).await? {
                 match store.command(&entry.command_uuid).await? {
@@ -586,15 +608,17 @@ impl DeviceActor {
                     }
                 }
             }
-            Ok::<_, crate::store::StoreError>((record, CommandQueue::from_pending(pending)))
+            Ok::<_, crate::store::StoreError>((record, CommandQueue::from_pending(pending), ddm))
         };
         ctx.wait(load.into_actor(self).map(|loaded, act, ctx| match loaded {
-            Ok((record, queue)) => {
+            Ok((record, queue, ddm)) => {
                 metrics::gauge!("orchard_queue_depth").increment(queue.len() as f64);
                 act.state = State::Ready(Box::new(Loaded {
                     persisted_last_seen: record.as_ref().map_or(0, |r| r.last_seen),
                     wake_scheduled: !queue.is_empty(),
                     push_requested_at: None,
+                    ddm,
+                    ddm_dirty: false,
                     record,
                     queue,
                 }));
@@ -616,26 +640,35 @@ impl DeviceActor {
 
     /// Flush the newest `last_seen`, then leave the registry and stop.
     fn passivate(&mut self, ctx: &mut Context<Self>) {
-        let dirty = self
+        let (seen_dirty, ddm_dirty) = self
             .loaded()
-            .ok()
-            .and_then(|l| {
-                l.record
+            .map(|l| {
+                let seen = l
+                    .record
                     .as_ref()
-                    .map(|r| r.last_seen != l.persisted_last_seen)
+                    .is_some_and(|r| r.last_seen != l.persisted_last_seen);
+                (seen, l.ddm_dirty && l.record.is_some())
             })
-            .unwrap_or(false);
-        match self.put_record() {
-            Ok(put) if dirty => {
-                let store = Arc::clone(self.registry.store());
-                ctx.wait(
-                    async move { store.apply(vec![put]).await }
-                        .into_actor(self)
-                        .map(|_, _, ctx: &mut Context<Self>| ctx.stop()),
-                );
+            .unwrap_or((false, false));
+        let mut batch = Vec::new();
+        if seen_dirty {
+            if let Ok(put) = self.put_record() {
+                batch.push(put);
             }
-            _ => ctx.stop(),
         }
+        if ddm_dirty {
+            batch.push(self.ddm_mutation());
+        }
+        if batch.is_empty() {
+            ctx.stop();
+            return;
+        }
+        let store = Arc::clone(self.registry.store());
+        ctx.wait(
+            async move { store.apply(batch).await }
+                .into_actor(self)
+                .map(|_, _, ctx: &mut Context<Self>| ctx.stop()),
+        );
     }
 }
 
@@ -712,8 +745,8 @@ impl Handler<HandleCheckin> for DeviceActor {
             CheckinMessage::GetToken(message) => {
                 Self::immediate(Err(DeviceError::NoTokenService(message.service_type)))
             }
-            CheckinMessage::DeclarativeManagement(_) => {
-                Self::immediate(Err(DeviceError::DeclarativeManagementUnavailable))
+            CheckinMessage::DeclarativeManagement(message) => {
+                self.declarative_management(message.endpoint, message.data)
             }
         }
     }

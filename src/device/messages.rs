@@ -6,6 +6,8 @@ use std::sync::Arc;
 use actix::Message;
 
 use super::DeviceError;
+use crate::ddm::doctor::EnrollmentFacts;
+use crate::ddm::sync::DdmState;
 use crate::protocol::checkin::Checkin;
 use crate::protocol::connect::ConnectReport;
 use crate::push::PushTarget;
@@ -40,6 +42,8 @@ pub enum CheckinReply {
     Accepted,
     /// 200 with this XML plist body.
     Plist(Vec<u8>),
+    /// 200 with this JSON body (DDM).
+    Json(bytes::Bytes),
 }
 
 /// A connect report (Idle or a command result) for this channel.
@@ -121,6 +125,33 @@ pub struct InvalidatePushToken {
 #[rtype(result = "Result<Option<PushTarget>, DeviceError>")]
 pub struct WakeDue {
     pub attempt: u32,
+}
+
+/// Assign (or unassign) a declaration set to this enrollment; answers whether it changed.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "Result<bool, DeviceError>")]
+pub struct AssignSet {
+    pub set: String,
+    pub assign: bool,
+}
+
+/// Queue a DeclarativeManagement command so the device syncs (replacing one still
+/// pending); `with_tokens` puts the current SyncTokens in its `Data`.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "Result<PushDecision, DeviceError>")]
+pub struct SyncDeclarations {
+    pub with_tokens: bool,
+}
+
+/// The enrollment's DDM state and the facts the sync doctor needs.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "Result<DdmView, DeviceError>")]
+pub struct GetDdmView;
+
+#[derive(Clone, Debug)]
+pub struct DdmView {
+    pub state: DdmState,
+    pub facts: EnrollmentFacts,
 }
 
 /// Leave memory now (the registry is over its resident bound).

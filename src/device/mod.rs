@@ -12,6 +12,7 @@
 //! reloads the durable truth.
 
 mod actor;
+mod declarative;
 pub mod messages;
 pub mod queue;
 
@@ -25,6 +26,7 @@ use dashmap::DashMap;
 pub use actor::DeviceActor;
 
 use crate::cluster::{shard_of, ShardMap};
+use crate::ddm::catalog::Catalog;
 use crate::store::{Store, StoreError, StoredCommand};
 
 /// How Orchard answers the first `UserAuthenticate` of a user channel.
@@ -64,8 +66,10 @@ pub enum DeviceError {
     UserAuthenticateDeclined,
     #[error("no token service is configured for TokenServiceType {0}")]
     NoTokenService(String),
-    #[error("declarative management is not available on this server")]
-    DeclarativeManagementUnavailable,
+    #[error("declaration {0} is not in this enrollment's manifest")]
+    DeclarationNotFound(String),
+    #[error("unknown DeclarativeManagement endpoint {0:?}")]
+    UnknownDdmEndpoint(String),
     #[error("the channel cannot be pushed: {0}")]
     NotPushable(&'static str),
     #[error("storage failure: {0}")]
@@ -87,7 +91,8 @@ impl DeviceError {
             DeviceError::DeviceChannelOnly(_) => "device_channel_only",
             DeviceError::UserAuthenticateDeclined => "user_authenticate_declined",
             DeviceError::NoTokenService(_) => "no_token_service",
-            DeviceError::DeclarativeManagementUnavailable => "ddm_unavailable",
+            DeviceError::DeclarationNotFound(_) => "declaration_not_found",
+            DeviceError::UnknownDdmEndpoint(_) => "unknown_ddm_endpoint",
             DeviceError::NotPushable(_) => "not_pushable",
             DeviceError::Store(_) => "store_failure",
             DeviceError::NotLocal => "not_local",
@@ -116,6 +121,7 @@ struct Slot {
 pub struct Registry {
     slots: DashMap<String, Slot>,
     store: Arc<dyn Store>,
+    catalog: Arc<Catalog>,
     settings: DeviceSettings,
     shards: ShardMap,
     incarnations: AtomicU64,
@@ -125,10 +131,16 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(store: Arc<dyn Store>, settings: DeviceSettings, shards: ShardMap) -> Arc<Self> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        catalog: Arc<Catalog>,
+        settings: DeviceSettings,
+        shards: ShardMap,
+    ) -> Arc<Self> {
         Arc::new(Registry {
             slots: DashMap::new(),
             store,
+            catalog,
             settings,
             shards,
             incarnations: AtomicU64::new(0),
@@ -138,6 +150,10 @@ impl Registry {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
     }
 
     pub fn settings(&self) -> &DeviceSettings {

@@ -106,6 +106,9 @@ async fn checkin(
         CheckinReply::Plist(plist) => HttpResponse::Ok()
             .content_type("application/xml")
             .body(plist),
+        CheckinReply::Json(json) => HttpResponse::Ok()
+            .content_type("application/json")
+            .body(json),
     })
 }
 

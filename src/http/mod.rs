@@ -6,6 +6,7 @@
 mod admin;
 mod auth;
 pub mod body;
+mod ddm;
 mod device;
 pub mod identity;
 mod nanohub;
@@ -33,6 +34,8 @@ pub struct HttpSettings {
     pub client_cert_header: Option<String>,
     pub max_body_bytes: usize,
     pub body_timeout: Duration,
+    /// Sync doctor: seconds after `declaration-items` without fetches that count as a stall.
+    pub ddm_stall_after_secs: i64,
 }
 
 /// Everything a handler may use; shared by all workers.
@@ -89,6 +92,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 web::scope("/api/v1")
                     .wrap(from_fn(auth::require_api_key))
                     .configure(nanohub::routes)
+                    .configure(ddm::routes)
                     .configure(admin::routes),
             ),
     );

@@ -97,7 +97,9 @@ impl Rejection {
             | DeviceError::NoTokenService(_)
             | DeviceError::NotPushable(_) => StatusCode::BAD_REQUEST,
             DeviceError::UserAuthenticateDeclined => StatusCode::GONE,
-            DeviceError::DeclarativeManagementUnavailable => StatusCode::NOT_IMPLEMENTED,
+            DeviceError::DeclarationNotFound(_) | DeviceError::UnknownDdmEndpoint(_) => {
+                StatusCode::NOT_FOUND
+            }
             DeviceError::NotLocal => StatusCode::MISDIRECTED_REQUEST,
             DeviceError::Store(_) | DeviceError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         };

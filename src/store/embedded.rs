@@ -396,6 +396,29 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn ddm_states(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<(String, Vec<u8>)>> {
+        let after = after.map(str::to_owned);
+        self.read("ddm_states", move |snapshot| {
+            let table = snapshot.open_table(DDM_STATE).map_err(backend_error)?;
+            let start = after
+                .as_deref()
+                .map(enrollment_successor)
+                .unwrap_or_default();
+            let rows = table.range(start.as_str()..).map_err(backend_error)?;
+            rows.take(limit)
+                .map(|row| {
+                    let (key, value) = row.map_err(backend_error)?;
+                    Ok((key.value().to_owned(), value.value().to_vec()))
+                })
+                .collect()
+        })
+        .await
+    }
+
     async fn push_certs(&self) -> StoreResult<Vec<PushCertRecord>> {
         self.read("push_certs", |snapshot| {
             decode_all(snapshot, PUSH_CERTS, "push certificate")

@@ -287,4 +287,11 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> StoreResult<Vec<String>>;
     async fn ddm_state(&self, enrollment_id: &str) -> StoreResult<Option<Vec<u8>>>;
+    /// DDM states in enrollment-id order, strictly after `after`, at most `limit` (fleet
+    /// views page through them).
+    async fn ddm_states(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<(String, Vec<u8>)>>;
 }

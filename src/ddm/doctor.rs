@@ -1,0 +1,305 @@
+//! The sync doctor (ddm-stall.md §5): pure rules over an enrollment's DDM timeline, its
+//! merged status, the manifest it should hold, and enrollment facts. Each finding names
+//! the rule, a severity, the evidence, and what to do.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::catalog::ManifestSnapshot;
+use super::sync::{DdmState, SyncEventKind};
+use super::{check_references, Declaration, Severity, Validity};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FindingSeverity {
+    Error,
+    Warning,
+    Info,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Finding {
+    pub rule: &'static str,
+    pub severity: FindingSeverity,
+    pub evidence: Value,
+    pub fix: String,
+}
+
+/// What the doctor needs to know about the enrollment besides its DDM state.
+#[derive(Clone, Debug, Default)]
+pub struct EnrollmentFacts {
+    pub enabled: bool,
+    pub push_token_valid: bool,
+    pub awaiting_configuration: bool,
+}
+
+/// Every rule, in a fixed order.
+pub fn diagnose(
+    state: &DdmState,
+    manifest: &ManifestSnapshot,
+    facts: &EnrollmentFacts,
+    now: i64,
+    stall_after_secs: i64,
+) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    stalled_after_items(state, manifest, now, stall_after_secs, &mut findings);
+    no_status_after_fetches(state, now, stall_after_secs, &mut findings);
+    reported_token_differs(state, manifest, &mut findings);
+    invalid_declarations(state, &mut findings);
+    missing_references(manifest, &mut findings);
+    unsupported_types(state, manifest, &mut findings);
+    gating(state, facts, &mut findings);
+    findings
+}
+
+/// SD-S05: `declaration-items` served, declarations to fetch, but no fetch since.
+fn stalled_after_items(
+    state: &DdmState,
+    manifest: &ManifestSnapshot,
+    now: i64,
+    stall_after: i64,
+    findings: &mut Vec<Finding>,
+) {
+    let Some((position, served_at, token)) =
+        state
+            .timeline
+            .iter()
+            .enumerate()
+            .rev()
+            .find_map(|(i, e)| match &e.kind {
+                SyncEventKind::Items { token, .. } => Some((i, e.at, token.clone())),
+                _ => None,
+            })
+    else {
+        return;
+    };
+    let fetched_since = state
+        .timeline
+        .iter()
+        .skip(position + 1)
+        .any(|e| matches!(e.kind, SyncEventKind::Declaration { .. }));
+    let expected = expected_fetches(state, manifest);
+    if fetched_since || expected.is_empty() || now - served_at < stall_after {
+        return;
+    }
+    findings.push(Finding {
+        rule: "SD-S05",
+        severity: FindingSeverity::Error,
+        evidence: json!({
+            "declaration_items_served_at": rfc3339(served_at),
+            "declarations_token": token,
+            "expected_fetches": expected,
+            "seconds_since": now - served_at,
+        }),
+        fix: "The device read the manifest but fetched none of the declarations it lacks. Orchard's answers passed the response rules; check that the device is not in Setup Assistant or deferring (SD-E01), look for rejected requests in orchard_rejected_requests_total, then re-trigger a sync (POST /api/v1/ddm/notify?id=<enrollment>), which sends the tokens in the command's Data.".into(),
+    });
+}
+
+/// Manifest items the device does not hold at their current ServerToken.
+fn expected_fetches(state: &DdmState, manifest: &ManifestSnapshot) -> Vec<String> {
+    manifest
+        .manifest
+        .items()
+        .iter()
+        .filter(|item| {
+            state
+                .status
+                .declarations
+                .get(&item.identifier)
+                .is_none_or(|s| s.server_token != item.server_token)
+        })
+        .map(|item| item.identifier.clone())
+        .collect()
+}
+
+/// SD-S07: bodies fetched, no status report since.
+fn no_status_after_fetches(
+    state: &DdmState,
+    now: i64,
+    stall_after: i64,
+    findings: &mut Vec<Finding>,
+) {
+    let last_fetch = state
+        .timeline
+        .iter()
+        .rev()
+        .find(|e| matches!(e.kind, SyncEventKind::Declaration { served: true, .. }));
+    let Some(fetch) = last_fetch else { return };
+    let reported_after = state.timeline.iter().any(|e| {
+        e.at >= fetch.at
+            && matches!(
+                e.kind,
+                SyncEventKind::Status { .. } | SyncEventKind::StatusUnparseable { .. }
+            )
+    });
+    if reported_after || now - fetch.at < stall_after {
+        return;
+    }
+    findings.push(Finding {
+        rule: "SD-S07",
+        severity: FindingSeverity::Warning,
+        evidence: json!({ "last_fetch_at": rfc3339(fetch.at), "seconds_since": now - fetch.at }),
+        fix: "The device fetched declarations but has not reported status. Check proxy body limits on the status check-in (413s at the edge) and re-trigger a sync.".into(),
+    });
+}
+
+/// SD-T01: the device reports an older (or newer) ServerToken than the current one.
+fn reported_token_differs(
+    state: &DdmState,
+    manifest: &ManifestSnapshot,
+    findings: &mut Vec<Finding>,
+) {
+    let stale: Vec<Value> = manifest
+        .manifest
+        .items()
+        .iter()
+        .filter_map(|item| {
+            let reported = state.status.declarations.get(&item.identifier)?;
+            (reported.server_token != item.server_token).then(|| {
+                json!({
+                    "identifier": item.identifier,
+                    "reported_server_token": reported.server_token,
+                    "current_server_token": item.server_token,
+                })
+            })
+        })
+        .collect();
+    if stale.is_empty() {
+        return;
+    }
+    findings.push(Finding {
+        rule: "SD-T01",
+        severity: FindingSeverity::Warning,
+        evidence: json!({ "declarations": stale }),
+        fix: "The device has not applied the current revision of these declarations. If this lasts, re-trigger a sync; if a fetch failed, see SD-S05.".into(),
+    });
+}
+
+/// SD-T02: the device rejected declarations.
+fn invalid_declarations(state: &DdmState, findings: &mut Vec<Finding>) {
+    let invalid: Vec<Value> = state
+        .status
+        .declarations
+        .values()
+        .filter(|d| d.valid == Validity::Invalid || d.reasons.iter().any(|r| r.code.starts_with("Error.")))
+        .map(|d| {
+            json!({
+                "identifier": d.identifier,
+                "server_token": d.server_token,
+                "valid": d.valid,
+                "reasons": d.reasons.iter().map(|r| json!({"code": r.code, "description": r.description, "details": r.details})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    if invalid.is_empty() {
+        return;
+    }
+    findings.push(Finding {
+        rule: "SD-T02",
+        severity: FindingSeverity::Error,
+        evidence: json!({ "declarations": invalid }),
+        fix: "The device refused these declarations; the reason codes say why (Error.ConfigurationNotSupported: type or key not supported on this platform or enrollment; Error.MissingConfigurations / Error.MissingAssets: fix the references; Error.UnknownPayloadKeys: remove keys this OS does not know). Publish a corrected declaration.".into(),
+    });
+}
+
+/// SD-P08/SD-P09: references that do not resolve within the device's own manifest.
+fn missing_references(manifest: &ManifestSnapshot, findings: &mut Vec<Finding>) {
+    let declarations: Vec<&Declaration> = manifest.declarations().map(|d| d.as_ref()).collect();
+    let problems: Vec<Value> = check_references(&declarations)
+        .into_iter()
+        .filter(|issue| issue.severity == Severity::Error)
+        .map(|issue| json!({ "rule": issue.rule, "path": issue.path, "message": issue.message }))
+        .collect();
+    if problems.is_empty() {
+        return;
+    }
+    findings.push(Finding {
+        rule: "SD-P08",
+        severity: FindingSeverity::Error,
+        evidence: json!({ "problems": problems }),
+        fix: "An activation or configuration references a declaration that is not in this enrollment's sets (or has the wrong category/asset type). Add the referenced declaration to one of the enrollment's sets, or fix the reference.".into(),
+    });
+}
+
+/// SD-E02: declaration types the device says it does not support.
+fn unsupported_types(state: &DdmState, manifest: &ManifestSnapshot, findings: &mut Vec<Finding>) {
+    let Some(supported) = state
+        .status
+        .client_capabilities
+        .as_ref()
+        .and_then(|c| c.pointer("/supported-payloads/declarations"))
+    else {
+        return;
+    };
+    let mut unsupported: BTreeMap<String, String> = BTreeMap::new();
+    for declaration in manifest.declarations() {
+        let Some(category) = declaration.category() else {
+            continue;
+        };
+        let Some(list) = supported
+            .get(category.status_key())
+            .and_then(Value::as_array)
+        else {
+            continue;
+        };
+        if !list
+            .iter()
+            .any(|t| t.as_str() == Some(declaration.declaration_type.as_str()))
+        {
+            unsupported.insert(
+                declaration.identifier.clone(),
+                declaration.declaration_type.clone(),
+            );
+        }
+    }
+    if unsupported.is_empty() {
+        return;
+    }
+    findings.push(Finding {
+        rule: "SD-E02",
+        severity: FindingSeverity::Error,
+        evidence: json!({ "unsupported": unsupported }),
+        fix: "The device's client-capabilities do not list these declaration types (platform, OS version or enrollment type). Assign them only to devices that support them.".into(),
+    });
+}
+
+/// SD-E01, SD-A01, SD-E03: the enrollment itself prevents or delays syncing.
+fn gating(state: &DdmState, facts: &EnrollmentFacts, findings: &mut Vec<Finding>) {
+    if facts.awaiting_configuration {
+        findings.push(Finding {
+            rule: "SD-E01",
+            severity: FindingSeverity::Warning,
+            evidence: json!({ "awaiting_configuration": true }),
+            fix: "The device is waiting in Setup Assistant and may not process declarations until released: send DeviceConfigured when its setup commands are done.".into(),
+        });
+    }
+    if facts.enabled && !facts.push_token_valid {
+        findings.push(Finding {
+            rule: "SD-A01",
+            severity: FindingSeverity::Error,
+            evidence: json!({ "push_token_valid": false }),
+            fix: "APNs reported the device's push token invalid, so no sync can start. The device must check in with a new TokenUpdate (re-enroll it if it never does).".into(),
+        });
+    }
+    if state.status.client_capabilities.is_none() {
+        findings.push(Finding {
+            rule: "SD-E03",
+            severity: FindingSeverity::Info,
+            evidence: json!({ "client_capabilities": null }),
+            fix: "No status report with client-capabilities yet: expect one after the first sync."
+                .into(),
+        });
+    }
+}
+
+fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}

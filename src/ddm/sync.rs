@@ -1,0 +1,186 @@
+//! Per-enrollment DDM state, owned by the enrollment's actor: the assigned sets, the
+//! merged status, a short history of raw reports, and a bounded timeline of the sync
+//! exchanges that the sync doctor reads.
+
+use std::collections::{BTreeSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Category, EnrollmentStatus, StatusReport};
+
+/// Sync events kept per enrollment (the last few syncs).
+pub const TIMELINE_LENGTH: usize = 64;
+/// Raw status reports kept per enrollment.
+pub const REPORTS_KEPT: usize = 5;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DdmState {
+    pub sets: BTreeSet<String>,
+    pub status: EnrollmentStatus,
+    pub timeline: VecDeque<SyncEvent>,
+    pub reports: VecDeque<RawReport>,
+    /// The DeclarationsToken of the manifest last shown to the device: bodies are served
+    /// from that manifest.
+    pub last_token_served: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RawReport {
+    pub received_at: i64,
+    pub json: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SyncEvent {
+    /// Unix seconds.
+    pub at: i64,
+    pub kind: SyncEventKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum SyncEventKind {
+    /// A DeclarativeManagement command was queued for the device.
+    CommandQueued {
+        command_uuid: String,
+        with_data: bool,
+    },
+    Tokens {
+        token: String,
+    },
+    Items {
+        token: String,
+        items: Vec<ServedItem>,
+    },
+    /// A body was fetched (`served: false`: answered 404).
+    Declaration {
+        category: String,
+        identifier: String,
+        served: bool,
+    },
+    Status {
+        full_report: bool,
+        declarations: usize,
+        errors: usize,
+    },
+    /// The report could not be parsed; it was stored raw.
+    StatusUnparseable {
+        reason: String,
+    },
+    /// Re-enrollment wiped the device's DDM state.
+    Reset,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServedItem {
+    pub category: String,
+    pub identifier: String,
+    pub server_token: String,
+}
+
+impl DdmState {
+    pub fn record(&mut self, at: i64, kind: SyncEventKind) {
+        if self.timeline.len() == TIMELINE_LENGTH {
+            self.timeline.pop_front();
+        }
+        self.timeline.push_back(SyncEvent { at, kind });
+    }
+
+    /// Merge a parsed report and keep the raw one.
+    pub fn ingest(&mut self, report: &StatusReport, raw: &[u8], at: i64) {
+        self.status.apply(report, at);
+        self.keep_raw(raw, at);
+        self.record(
+            at,
+            SyncEventKind::Status {
+                full_report: report.full_report,
+                declarations: report.declarations.as_ref().map_or(0, Vec::len),
+                errors: report.errors.len(),
+            },
+        );
+    }
+
+    pub fn keep_raw(&mut self, raw: &[u8], at: i64) {
+        if self.reports.len() == REPORTS_KEPT {
+            self.reports.pop_front();
+        }
+        self.reports.push_back(RawReport {
+            received_at: at,
+            json: String::from_utf8_lossy(raw).into_owned(),
+        });
+    }
+
+    /// Re-enrollment wiped the device: forget what it reported, keep the assignments.
+    pub fn reset(&mut self, at: i64) {
+        self.status = EnrollmentStatus::default();
+        self.last_token_served = None;
+        self.record(at, SyncEventKind::Reset);
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<DdmState, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+/// The item list of a manifest, for the timeline.
+pub fn served_items(manifest: &super::Manifest) -> Vec<ServedItem> {
+    manifest
+        .items()
+        .iter()
+        .map(|item| ServedItem {
+            category: item.category.as_str().to_string(),
+            identifier: item.identifier.clone(),
+            server_token: item.server_token.clone(),
+        })
+        .collect()
+}
+
+/// `declaration/<category>/<identifier>` → its parts.
+pub fn parse_declaration_endpoint(endpoint: &str) -> Option<(Category, &str)> {
+    let rest = endpoint.strip_prefix("declaration/")?;
+    let (category, identifier) = rest.split_once('/')?;
+    Some((Category::parse(category)?, identifier))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_timeline_keeps_only_the_last_events() {
+        let mut state = DdmState::default();
+        for n in 0..(TIMELINE_LENGTH as i64 + 10) {
+            state.record(
+                n,
+                SyncEventKind::Tokens {
+                    token: n.to_string(),
+                },
+            );
+        }
+        assert_eq!(state.timeline.len(), TIMELINE_LENGTH);
+        assert_eq!(state.timeline.front().unwrap().at, 10);
+    }
+
+    #[test]
+    fn declaration_endpoints_name_a_category_and_an_identifier() {
+        let (category, id) =
+            parse_declaration_endpoint("declaration/configuration/com.example.su").unwrap();
+        assert_eq!((category, id), (Category::Configuration, "com.example.su"));
+        assert!(parse_declaration_endpoint("declaration/widget/x").is_none());
+        assert!(parse_declaration_endpoint("tokens").is_none());
+    }
+
+    #[test]
+    fn state_round_trips_through_its_encoding() {
+        let mut state = DdmState::default();
+        state.sets.insert("default".into());
+        state.record(5, SyncEventKind::Reset);
+        let decoded = DdmState::decode(&state.encode()).unwrap();
+        assert_eq!(decoded.sets, state.sets);
+        assert_eq!(decoded.timeline, state.timeline);
+    }
+}

@@ -1,0 +1,612 @@
+//! The DDM admin API: KMFDDM/NanoHUB-compatible catalog, set and status routes under
+//! `/api/v1/ddm` (contract.md §3.1; writes answer 204 when something changed, 304 when
+//! nothing did), Orchard's bulk assignment and fleet views, and the sync doctor.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::body::read_body;
+use super::nanohub::rfc3339;
+use super::rejection::Rejection;
+use super::AppState;
+use crate::commands;
+use crate::ddm::catalog::{CatalogError, Change};
+use crate::ddm::doctor::{diagnose, EnrollmentFacts, Finding};
+use crate::ddm::sync::DdmState;
+use crate::ddm::{Issue, Validity};
+use crate::device::messages::{AssignSet, DdmView, GetDdmView};
+use crate::device::DeviceError;
+
+/// DDM states read per page by the fleet views.
+const FLEET_PAGE: usize = 1000;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/ddm/declarations", web::get().to(list_declarations))
+        .route("/ddm/declarations", web::put().to(put_declaration))
+        .route("/ddm/declarations/{id}", web::get().to(get_declaration))
+        .route(
+            "/ddm/declarations/{id}",
+            web::delete().to(delete_declaration),
+        )
+        .route(
+            "/ddm/declarations/{id}/touch",
+            web::post().to(touch_declaration),
+        )
+        .route("/ddm/sets", web::get().to(list_sets))
+        .route(
+            "/ddm/set-declarations/{set}",
+            web::get().to(set_declarations),
+        )
+        .route("/ddm/set-declarations/{set}", web::put().to(add_to_set))
+        .route(
+            "/ddm/set-declarations/{set}",
+            web::delete().to(remove_from_set),
+        )
+        .route(
+            "/ddm/declaration-sets/{id}",
+            web::get().to(declaration_sets),
+        )
+        .route(
+            "/ddm/enrollment-sets/{enrollment}",
+            web::get().to(enrollment_sets),
+        )
+        .route(
+            "/ddm/enrollment-sets/{enrollment}",
+            web::put().to(assign_set),
+        )
+        .route(
+            "/ddm/enrollment-sets/{enrollment}",
+            web::delete().to(unassign_set),
+        )
+        .route(
+            "/ddm/declaration-status/{enrollment}",
+            web::get().to(declaration_status),
+        )
+        .route(
+            "/ddm/status-errors/{enrollment}",
+            web::get().to(status_errors),
+        )
+        .route(
+            "/ddm/status-values/{enrollment}",
+            web::get().to(status_values),
+        )
+        .route("/ddm/notify", web::post().to(notify))
+        .route("/ddm/assignments", web::post().to(bulk_assign))
+        .route("/ddm/fleet/declarations", web::get().to(fleet_declarations))
+        .route("/ddm/diagnosis", web::get().to(fleet_diagnosis))
+        .route(
+            "/devices/{id}/ddm/diagnosis",
+            web::get().to(device_diagnosis),
+        );
+}
+
+#[derive(Deserialize)]
+struct NotifyFlag {
+    nonotify: Option<String>,
+}
+
+impl NotifyFlag {
+    fn notify(&self) -> bool {
+        self.nonotify.is_none()
+    }
+}
+
+fn catalog_error(e: CatalogError) -> Rejection {
+    let status = match &e {
+        CatalogError::Invalid(_) | CatalogError::MissingReference { .. } => StatusCode::BAD_REQUEST,
+        CatalogError::InUse(..) => StatusCode::CONFLICT,
+        CatalogError::UnknownDeclaration(_) | CatalogError::UnknownSet(_) => StatusCode::NOT_FOUND,
+        CatalogError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    Rejection::api(status, e.reason(), e.to_string())
+}
+
+fn device_error(e: DeviceError) -> Rejection {
+    let status = match e {
+        DeviceError::UnknownEnrollment(_) => StatusCode::NOT_FOUND,
+        _ => Rejection::from_device(e.clone()).status,
+    };
+    Rejection::api(status, e.reason(), e.to_string())
+}
+
+fn issues_json(issues: &[Issue]) -> Value {
+    issues
+        .iter()
+        .map(|i| json!({ "severity": format!("{:?}", i.severity).to_lowercase(), "rule": i.rule, "path": i.path, "message": i.message }))
+        .collect()
+}
+
+/// 204 when something changed (sync the affected enrollments unless `nonotify`), else 304.
+async fn changed_response(state: &AppState, change: Change, notify: bool) -> HttpResponse {
+    let mut response = if change.changed {
+        HttpResponse::NoContent()
+    } else {
+        HttpResponse::NotModified()
+    };
+    if !change.warnings.is_empty() {
+        response.insert_header((
+            "X-Orchard-Warnings",
+            issues_json(&change.warnings).to_string(),
+        ));
+    }
+    if change.changed && notify && !change.affected_sets.is_empty() {
+        let registry = Arc::clone(&state.registry);
+        let store = Arc::clone(&state.store);
+        let push = Arc::clone(&state.push);
+        actix_web::rt::spawn(async move {
+            match commands::set_members(&*store, &change.affected_sets).await {
+                Ok(members) => {
+                    commands::sync_declarations(&registry, &*push, &members).await;
+                }
+                Err(e) => tracing::error!(error = %e, "could not list the enrollments to sync"),
+            }
+        });
+    }
+    response.finish()
+}
+
+async fn list_declarations(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(state.registry.catalog().declaration_ids())
+}
+
+/// `PUT /api/v1/ddm/declarations`: publish a declaration (validated before anything is stored).
+async fn put_declaration(
+    req: HttpRequest,
+    payload: web::Payload,
+    flag: web::Query<NotifyFlag>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    let body = read_body(&req, payload, &state.settings)
+        .await
+        .map_err(Rejection::for_api)?;
+    match state.registry.catalog().put_declaration(&body).await {
+        Ok(change) => Ok(changed_response(&state, change, flag.notify()).await),
+        Err(CatalogError::Invalid(crate::ddm::DdmError::Invalid { identifier, issues })) => {
+            metrics::counter!("orchard_rejected_requests_total", "reason" => "invalid_declaration")
+                .increment(1);
+            tracing::warn!(identifier = ?identifier, "declaration rejected");
+            Ok(HttpResponse::BadRequest().json(json!({
+                "error": "invalid_declaration",
+                "detail": format!("declaration {} is invalid", identifier.as_deref().unwrap_or("(without Identifier)")),
+                "declaration": identifier,
+                "issues": issues_json(&issues),
+            })))
+        }
+        Err(e) => Err(catalog_error(e)),
+    }
+}
+
+async fn get_declaration(
+    id: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    let declaration = state
+        .registry
+        .catalog()
+        .declaration(&id)
+        .ok_or_else(|| catalog_error(CatalogError::UnknownDeclaration(id.to_string())))?;
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .body(declaration.to_device_json()))
+}
+
+async fn delete_declaration(
+    id: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    match state.registry.catalog().delete_declaration(&id).await {
+        Ok(true) => Ok(HttpResponse::NoContent().finish()),
+        Ok(false) => Err(catalog_error(CatalogError::UnknownDeclaration(
+            id.to_string(),
+        ))),
+        Err(e) => Err(catalog_error(e)),
+    }
+}
+
+async fn touch_declaration(
+    id: web::Path<String>,
+    flag: web::Query<NotifyFlag>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    let change = state
+        .registry
+        .catalog()
+        .touch(&id)
+        .await
+        .map_err(catalog_error)?;
+    Ok(changed_response(&state, change, flag.notify()).await)
+}
+
+async fn list_sets(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(state.registry.catalog().set_names())
+}
+
+async fn set_declarations(set: web::Path<String>, state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(
+        state
+            .registry
+            .catalog()
+            .set_declarations(&set)
+            .unwrap_or_default(),
+    )
+}
+
+#[derive(Deserialize)]
+struct DeclarationQuery {
+    declaration: String,
+    nonotify: Option<String>,
+}
+
+async fn add_to_set(
+    set: web::Path<String>,
+    query: web::Query<DeclarationQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    let change = state
+        .registry
+        .catalog()
+        .add_to_set(&set, &query.declaration)
+        .await
+        .map_err(catalog_error)?;
+    Ok(changed_response(&state, change, query.nonotify.is_none()).await)
+}
+
+async fn remove_from_set(
+    set: web::Path<String>,
+    query: web::Query<DeclarationQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    let change = state
+        .registry
+        .catalog()
+        .remove_from_set(&set, &query.declaration)
+        .await
+        .map_err(catalog_error)?;
+    Ok(changed_response(&state, change, query.nonotify.is_none()).await)
+}
+
+async fn declaration_sets(id: web::Path<String>, state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(state.registry.catalog().sets_containing(&id))
+}
+
+async fn ddm_view(state: &AppState, enrollment: &str) -> Result<DdmView, Rejection> {
+    state
+        .registry
+        .call(enrollment, GetDdmView)
+        .await
+        .map_err(device_error)
+}
+
+async fn enrollment_sets(
+    enrollment: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    let view = ddm_view(&state, &enrollment).await?;
+    Ok(HttpResponse::Ok().json(view.state.sets))
+}
+
+#[derive(Deserialize)]
+struct SetQuery {
+    set: String,
+    nonotify: Option<String>,
+}
+
+async fn change_assignment(
+    state: &AppState,
+    enrollment: &str,
+    query: &SetQuery,
+    assign: bool,
+) -> Result<HttpResponse, Rejection> {
+    let msg = AssignSet {
+        set: query.set.clone(),
+        assign,
+    };
+    let changed = state
+        .registry
+        .call(enrollment, msg)
+        .await
+        .map_err(device_error)?;
+    if !changed {
+        return Ok(HttpResponse::NotModified().finish());
+    }
+    if query.nonotify.is_none() {
+        commands::sync_declarations(&state.registry, &*state.push, &[enrollment.to_string()]).await;
+    }
+    Ok(HttpResponse::NoContent().finish())
+}
+
+async fn assign_set(
+    enrollment: web::Path<String>,
+    query: web::Query<SetQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    change_assignment(&state, &enrollment, &query, true).await
+}
+
+async fn unassign_set(
+    enrollment: web::Path<String>,
+    query: web::Query<SetQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    change_assignment(&state, &enrollment, &query, false).await
+}
+
+/// KMFDDM's per-declaration status, with `current` = the reported token is the one served now.
+async fn declaration_status(
+    enrollment: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    let view = ddm_view(&state, &enrollment).await?;
+    let snapshot = state.registry.catalog().manifest(&view.state.sets);
+    let received = view.state.status.last_report_at.map(rfc3339);
+    let rows: Vec<Value> = view
+        .state
+        .status
+        .declarations
+        .values()
+        .map(|d| {
+            let current = snapshot
+                .manifest
+                .item(d.category, &d.identifier)
+                .is_some_and(|item| item.server_token == d.server_token);
+            json!({
+                "identifier": d.identifier,
+                "active": d.active,
+                "valid": d.valid,
+                "server-token": d.server_token,
+                "ManifestType": d.category.status_key(),
+                "current": current,
+                "reasons": d.reasons.iter().map(|r| json!({"code": r.code, "description": r.description, "details": r.details})).collect::<Vec<_>>(),
+                "status_received": received,
+            })
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({ enrollment.as_str(): rows })))
+}
+
+/// Declaration errors and status-item errors; `{}` when there are none (as KMFDDM).
+async fn status_errors(
+    enrollment: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    let view = ddm_view(&state, &enrollment).await?;
+    let received = view.state.status.last_report_at.map(rfc3339);
+    let mut rows: Vec<Value> = view
+        .state
+        .status
+        .declarations
+        .values()
+        .filter(|d| !d.active && d.valid != Validity::Valid || d.reasons.iter().any(|r| r.code.starts_with("Error.")))
+        .map(|d| json!({ "path": format!("declaration:{}", d.identifier), "error": d.reasons.iter().map(|r| json!({"code": r.code, "description": r.description, "details": r.details})).collect::<Vec<_>>(), "timestamp": received }))
+        .collect();
+    rows.extend(view.state.status.errors.iter().map(|e| {
+        json!({ "path": e.status_item, "error": e.reasons.iter().map(|r| json!({"code": r.code, "description": r.description, "details": r.details})).collect::<Vec<_>>(), "timestamp": received })
+    }));
+    if rows.is_empty() {
+        return Ok(HttpResponse::Ok().json(json!({})));
+    }
+    Ok(HttpResponse::Ok().json(json!({ enrollment.as_str(): rows })))
+}
+
+#[derive(Deserialize)]
+struct PrefixQuery {
+    prefix: Option<String>,
+}
+
+/// Flattened status values as `.StatusItems.<path>` rows, optionally filtered by prefix.
+async fn status_values(
+    enrollment: web::Path<String>,
+    query: web::Query<PrefixQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    let view = ddm_view(&state, &enrollment).await?;
+    let received = view.state.status.last_report_at.map(rfc3339);
+    let rows: Vec<Value> = view
+        .state
+        .status
+        .values
+        .iter()
+        .map(|(path, value)| (format!(".StatusItems.{path}"), value))
+        .filter(|(path, _)| query.prefix.as_deref().is_none_or(|p| path.starts_with(p)))
+        .map(|(path, value)| json!({ "path": path, "value": value, "timestamp": received }))
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({ enrollment.as_str(): rows })))
+}
+
+/// `POST /api/v1/ddm/notify?id=&set=&declaration=`: force a sync of the targets.
+async fn notify(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, Rejection> {
+    let pairs: Vec<(String, String)> =
+        web::Query::<Vec<(String, String)>>::from_query(req.query_string())
+            .map(|q| q.into_inner())
+            .unwrap_or_default();
+    let mut ids: BTreeSet<String> = pairs
+        .iter()
+        .filter(|(k, _)| k == "id")
+        .map(|(_, v)| v.clone())
+        .collect();
+    let mut sets: Vec<String> = pairs
+        .iter()
+        .filter(|(k, _)| k == "set")
+        .map(|(_, v)| v.clone())
+        .collect();
+    for (_, declaration) in pairs.iter().filter(|(k, _)| k == "declaration") {
+        sets.extend(state.registry.catalog().sets_containing(declaration));
+    }
+    ids.extend(
+        commands::set_members(&*state.store, &sets)
+            .await
+            .map_err(Rejection::store_failure)?,
+    );
+    if ids.is_empty() {
+        return Err(Rejection::api(
+            StatusCode::BAD_REQUEST,
+            "no_targets",
+            "give id=, set= or declaration=",
+        ));
+    }
+    let ids: Vec<String> = ids.into_iter().collect();
+    commands::sync_declarations(&state.registry, &*state.push, &ids).await;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// `{"set": "...", "enrollments": [...], "unassign": false, "no_sync": false}`.
+#[derive(Deserialize)]
+struct BulkAssignment {
+    set: String,
+    enrollments: Vec<String>,
+    #[serde(default)]
+    unassign: bool,
+    #[serde(default)]
+    no_sync: bool,
+}
+
+/// `POST /api/v1/ddm/assignments`: assign (or unassign) a set to many enrollments.
+async fn bulk_assign(
+    request: web::Json<BulkAssignment>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    use futures_util::{stream, StreamExt};
+    let results: Vec<(String, Result<bool, DeviceError>)> =
+        stream::iter(request.enrollments.iter())
+            .map(|id| {
+                let msg = AssignSet {
+                    set: request.set.clone(),
+                    assign: !request.unassign,
+                };
+                let registry = Arc::clone(&state.registry);
+                async move { (id.clone(), registry.call(id, msg).await) }
+            })
+            .buffered(512)
+            .collect()
+            .await;
+    let changed: Vec<String> = results
+        .iter()
+        .filter(|(_, r)| matches!(r, Ok(true)))
+        .map(|(id, _)| id.clone())
+        .collect();
+    let failed: BTreeMap<&String, String> = results
+        .iter()
+        .filter_map(|(id, r)| r.as_ref().err().map(|e| (id, e.to_string())))
+        .collect();
+    if !request.no_sync && !changed.is_empty() {
+        commands::sync_declarations(&state.registry, &*state.push, &changed).await;
+    }
+    Ok(HttpResponse::Ok().json(json!({
+        "changed": changed.len(),
+        "unchanged": results.len() - changed.len() - failed.len(),
+        "failed": failed,
+    })))
+}
+
+/// Every enrollment's DDM state, page by page.
+async fn each_ddm_state(
+    state: &AppState,
+    mut visit: impl FnMut(&str, DdmState),
+) -> Result<(), Rejection> {
+    let mut after: Option<String> = None;
+    loop {
+        let page = state
+            .store
+            .ddm_states(after.as_deref(), FLEET_PAGE)
+            .await
+            .map_err(Rejection::store_failure)?;
+        let full = page.len() == FLEET_PAGE;
+        after = page.last().map(|(id, _)| id.clone());
+        for (id, bytes) in page {
+            if let Ok(ddm) = DdmState::decode(&bytes) {
+                visit(&id, ddm);
+            }
+        }
+        if !full {
+            return Ok(());
+        }
+    }
+}
+
+/// `GET /api/v1/ddm/fleet/declarations`: per declaration, how many enrollments have it
+/// active, invalid, pending (assigned, not reported at its current token) or on an old token.
+async fn fleet_declarations(state: web::Data<AppState>) -> Result<HttpResponse, Rejection> {
+    let catalog = Arc::clone(state.registry.catalog());
+    let mut fleet: BTreeMap<String, BTreeMap<&'static str, u64>> = BTreeMap::new();
+    each_ddm_state(&state, |_, ddm| {
+        let snapshot = catalog.manifest(&ddm.sets);
+        for item in snapshot.manifest.items() {
+            let counts = fleet.entry(item.identifier.clone()).or_default();
+            *counts.entry("assigned").or_default() += 1;
+            let bucket = match ddm.status.declarations.get(&item.identifier) {
+                None => "pending",
+                Some(reported) if reported.server_token != item.server_token => "old_server_token",
+                Some(reported) if reported.valid == Validity::Invalid => "invalid",
+                Some(reported) if reported.active => "active",
+                Some(_) => "inactive",
+            };
+            *counts.entry(bucket).or_default() += 1;
+        }
+    })
+    .await?;
+    Ok(HttpResponse::Ok().json(fleet))
+}
+
+fn facts_of(record: Option<crate::store::EnrollmentRecord>) -> EnrollmentFacts {
+    record
+        .map(|r| EnrollmentFacts {
+            enabled: r.enabled,
+            push_token_valid: r.push_token_valid && r.push.is_some(),
+            awaiting_configuration: r.awaiting_configuration,
+        })
+        .unwrap_or_default()
+}
+
+fn findings_for(state: &AppState, ddm: &DdmState, facts: &EnrollmentFacts) -> Vec<Finding> {
+    let snapshot = state.registry.catalog().manifest(&ddm.sets);
+    diagnose(
+        ddm,
+        &snapshot,
+        facts,
+        crate::device::now_secs(),
+        state.settings.ddm_stall_after_secs,
+    )
+}
+
+/// `GET /api/v1/devices/{id}/ddm/diagnosis`: the sync doctor's findings for one enrollment.
+async fn device_diagnosis(
+    id: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    let view = ddm_view(&state, &id).await?;
+    let findings = findings_for(&state, &view.state, &view.facts);
+    for finding in &findings {
+        metrics::counter!("orchard_ddm_findings_total", "rule" => finding.rule).increment(1);
+    }
+    Ok(HttpResponse::Ok().json(json!({
+        "enrollment_id": id.as_str(),
+        "findings": findings,
+        "timeline": view.state.timeline,
+    })))
+}
+
+/// `GET /api/v1/ddm/diagnosis`: enrollments per doctor rule across the fleet.
+async fn fleet_diagnosis(state: web::Data<AppState>) -> Result<HttpResponse, Rejection> {
+    let mut states = Vec::new();
+    each_ddm_state(&state, |id, ddm| states.push((id.to_string(), ddm))).await?;
+    let mut per_rule: BTreeMap<&'static str, u64> = BTreeMap::new();
+    for (id, ddm) in states {
+        let record = state
+            .store
+            .enrollment(&id)
+            .await
+            .map_err(Rejection::store_failure)?;
+        for finding in findings_for(&state, &ddm, &facts_of(record)) {
+            *per_rule.entry(finding.rule).or_default() += 1;
+        }
+    }
+    for (rule, count) in &per_rule {
+        metrics::gauge!("orchard_ddm_enrollments_with_finding", "rule" => *rule).set(*count as f64);
+    }
+    Ok(HttpResponse::Ok().json(json!({ "rules": per_rule })))
+}

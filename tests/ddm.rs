@@ -1,0 +1,595 @@
+//! Declarative Device Management end to end (protocol.md §5.3): an operator publishes
+//! declarations and sets, assigns them, and a device syncs through the DeclarativeManagement
+//! check-in exactly as real devices do, reporting status with the real KMFDDM fixtures.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use plist::{Dictionary, Value};
+use serde_json::{json, Value as Json};
+
+const UDID: &str = "66ADE930-5FDF-5EC4-8429-15640684C489";
+const CONFIG: &str = "com.example.test";
+const ACTIVATION: &str = "com.example.act";
+
+fn test_config(echo: &str) -> Json {
+    json!({"Type": "com.apple.configuration.management.test", "Identifier": CONFIG, "Payload": {"Echo": echo}})
+}
+
+fn activation() -> Json {
+    json!({"Type": "com.apple.activation.simple", "Identifier": ACTIVATION, "Payload": {"StandardConfigurations": [CONFIG]}})
+}
+
+async fn api(server: &Server, method: &str, path: &str, body: Option<Json>) -> (u16, Json) {
+    let request = client()
+        .request(method.parse().unwrap(), server.url(path))
+        .bearer_auth(API_KEY);
+    let response = match body {
+        Some(body) => request.send_json(&body).await.unwrap(),
+        None => request.send().await.unwrap(),
+    };
+    let status = response.status().as_u16();
+    let bytes = body_of(response).await;
+    (status, serde_json::from_slice(&bytes).unwrap_or(Json::Null))
+}
+
+/// A DeclarativeManagement check-in; answers status, Content-Type and JSON body.
+async fn ddm(
+    server: &Server,
+    device: &Device,
+    endpoint: &str,
+    data: Option<Vec<u8>>,
+) -> (u16, String, Json) {
+    let mut message = Dictionary::new();
+    message.insert("MessageType".into(), "DeclarativeManagement".into());
+    message.insert("UDID".into(), device.udid.clone().into());
+    message.insert("Endpoint".into(), endpoint.into());
+    if let Some(data) = data {
+        message.insert("Data".into(), Value::Data(data));
+    }
+    let response = client()
+        .put(server.url("/mdm"))
+        .insert_header(("Content-Type", CHECKIN))
+        .insert_header((CERT_HEADER, device.cert_header()))
+        .send_body(to_xml(&message))
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let body = body_of(response).await;
+    (
+        status,
+        content_type,
+        serde_json::from_slice(&body).unwrap_or(Json::Null),
+    )
+}
+
+/// Publish the pair and put both in set `default`.
+async fn publish(server: &Server) {
+    assert_eq!(
+        api(
+            server,
+            "PUT",
+            "/api/v1/ddm/declarations",
+            Some(test_config("hello"))
+        )
+        .await
+        .0,
+        204
+    );
+    assert_eq!(
+        api(
+            server,
+            "PUT",
+            "/api/v1/ddm/declarations",
+            Some(activation())
+        )
+        .await
+        .0,
+        204
+    );
+    for id in [CONFIG, ACTIVATION] {
+        let path = format!("/api/v1/ddm/set-declarations/default?declaration={id}");
+        assert_eq!(api(server, "PUT", &path, None).await.0, 204);
+    }
+}
+
+async fn assign(server: &Server, set: &str) -> u16 {
+    api(
+        server,
+        "PUT",
+        &format!("/api/v1/ddm/enrollment-sets/{UDID}?set={set}"),
+        None,
+    )
+    .await
+    .0
+}
+
+/// The DeclarativeManagement command the device receives next, acknowledged; its Data.
+async fn receive_sync_command(server: &Server, device: &Device) -> Option<Json> {
+    let (_, body) = device.connect(server, device.idle()).await;
+    assert!(
+        !body.is_empty(),
+        "a DeclarativeManagement command is queued"
+    );
+    let command: Dictionary = plist::from_bytes(&body).unwrap();
+    let inner = command["Command"].as_dictionary().unwrap();
+    assert_eq!(
+        inner["RequestType"].as_string(),
+        Some("DeclarativeManagement")
+    );
+    let uuid = command["CommandUUID"].as_string().unwrap();
+    device
+        .connect(server, device.report("Acknowledged", Some(uuid)))
+        .await;
+    inner
+        .get("Data")
+        .map(|d| serde_json::from_slice(d.as_data().unwrap()).unwrap())
+}
+
+fn status_report(items: &[(&str, &str, &str, bool, &str)]) -> Vec<u8> {
+    let mut report: Json = serde_json::from_slice(&fixture("kmfddm/status.1st.json")).unwrap();
+    let declarations = &mut report["StatusItems"]["management"]["declarations"];
+    for (category, identifier, token, active, valid) in items {
+        declarations[*category].as_array_mut().unwrap().push(json!({
+            "identifier": identifier, "server-token": token, "active": active, "valid": valid
+        }));
+    }
+    serde_json::to_vec(&report).unwrap()
+}
+
+/// tokens → declaration-items → every body → tokens → status, as a healthy device does.
+async fn full_sync(server: &Server, device: &Device) -> Json {
+    let (status, content_type, tokens) = ddm(server, device, "tokens", None).await;
+    assert_eq!((status, content_type.as_str()), (200, "application/json"));
+    let (_, _, items) = ddm(server, device, "declaration-items", None).await;
+    assert_eq!(
+        items["DeclarationsToken"], tokens["SyncTokens"]["DeclarationsToken"],
+        "both endpoints agree"
+    );
+    let mut reported = Vec::new();
+    for (plural, category, key) in [
+        ("Activations", "activation", "activations"),
+        ("Configurations", "configuration", "configurations"),
+    ] {
+        for item in items["Declarations"][plural].as_array().unwrap() {
+            let id = item["Identifier"].as_str().unwrap();
+            let (status, _, body) = ddm(
+                server,
+                device,
+                &format!("declaration/{category}/{id}"),
+                None,
+            )
+            .await;
+            assert_eq!(status, 200);
+            assert_eq!(
+                body["ServerToken"], item["ServerToken"],
+                "the body is the listed revision"
+            );
+            reported.push((
+                key,
+                id.to_string(),
+                item["ServerToken"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    ddm(server, device, "tokens", None).await;
+    let report: Vec<(&str, &str, &str, bool, &str)> = reported
+        .iter()
+        .map(|(key, id, token)| (*key, id.as_str(), token.as_str(), true, "valid"))
+        .collect();
+    let (status, _, _) = ddm(server, device, "status", Some(status_report(&report))).await;
+    assert_eq!(status, 200);
+    items
+}
+
+#[actix_rt::test]
+async fn a_device_syncs_published_declarations_end_to_end() {
+    let (server, device) = enrolled_device(UDID).await;
+    let (_, _, empty) = ddm(&server, &device, "declaration-items", None).await;
+    assert_eq!(
+        empty["Declarations"],
+        json!({"Activations": [], "Configurations": [], "Assets": [], "Management": []})
+    );
+    assert!(
+        !empty["DeclarationsToken"].as_str().unwrap().is_empty(),
+        "never an empty token"
+    );
+
+    publish(&server).await;
+    assert_eq!(assign(&server, "default").await, 204);
+    let data = receive_sync_command(&server, &device)
+        .await
+        .expect("one device: tokens in Data");
+    let items = full_sync(&server, &device).await;
+    assert_eq!(
+        data["SyncTokens"]["DeclarationsToken"],
+        items["DeclarationsToken"]
+    );
+    let timestamp = data["SyncTokens"]["Timestamp"].as_str().unwrap();
+    assert!(regex_lite::Regex::new(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        .unwrap()
+        .is_match(timestamp));
+
+    let (_, status) = api(
+        &server,
+        "GET",
+        &format!("/api/v1/ddm/declaration-status/{UDID}"),
+        None,
+    )
+    .await;
+    let rows = status[UDID].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(rows
+        .iter()
+        .all(|r| r["current"] == true && r["active"] == true));
+    let (_, values) = api(
+        &server,
+        "GET",
+        &format!("/api/v1/ddm/status-values/{UDID}?prefix=.StatusItems.device"),
+        None,
+    )
+    .await;
+    assert!(values[UDID].as_array().unwrap().iter().any(|v| v["path"]
+        == ".StatusItems.device.operating-system.version"
+        && v["value"] == "13.3.1"));
+    let (_, diagnosis) = api(
+        &server,
+        "GET",
+        &format!("/api/v1/devices/{UDID}/ddm/diagnosis"),
+        None,
+    )
+    .await;
+    let rules: Vec<&str> = diagnosis["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["rule"].as_str().unwrap())
+        .collect();
+    assert!(
+        rules.is_empty(),
+        "a healthy sync has no findings: {rules:?}"
+    );
+    assert_eq!(
+        assign(&server, "default").await,
+        304,
+        "unchanged assignment"
+    );
+}
+
+#[actix_rt::test]
+async fn a_change_resyncs_and_an_unchanged_upload_does_not() {
+    let (server, device) = enrolled_device(UDID).await;
+    publish(&server).await;
+    assign(&server, "default").await;
+    receive_sync_command(&server, &device).await;
+    let before = full_sync(&server, &device).await;
+    assert_eq!(
+        api(
+            &server,
+            "PUT",
+            "/api/v1/ddm/declarations",
+            Some(test_config("hello"))
+        )
+        .await
+        .0,
+        304
+    );
+    assert_eq!(
+        api(
+            &server,
+            "PUT",
+            "/api/v1/ddm/declarations",
+            Some(test_config("changed"))
+        )
+        .await
+        .0,
+        204
+    );
+    actix_rt::time::sleep(Duration::from_millis(300)).await;
+    receive_sync_command(&server, &device).await;
+    let after = full_sync(&server, &device).await;
+    assert_ne!(before["DeclarationsToken"], after["DeclarationsToken"]);
+    assert_eq!(
+        before["Declarations"]["Activations"], after["Declarations"]["Activations"],
+        "the activation kept its token"
+    );
+    assert_ne!(
+        before["Declarations"]["Configurations"],
+        after["Declarations"]["Configurations"]
+    );
+    assert_eq!(
+        api(
+            &server,
+            "POST",
+            &format!("/api/v1/ddm/declarations/{ACTIVATION}/touch"),
+            None
+        )
+        .await
+        .0,
+        204
+    );
+    let (_, _, touched) = ddm(&server, &device, "declaration-items", None).await;
+    assert_ne!(
+        touched["Declarations"]["Activations"], after["Declarations"]["Activations"],
+        "a touch changes the token"
+    );
+}
+
+#[actix_rt::test]
+async fn a_removed_declaration_disappears_and_is_404() {
+    let (server, device) = enrolled_device(UDID).await;
+    publish(&server).await;
+    assign(&server, "default").await;
+    receive_sync_command(&server, &device).await;
+    full_sync(&server, &device).await;
+    let path = format!("/api/v1/ddm/set-declarations/default?declaration={ACTIVATION}");
+    assert_eq!(api(&server, "DELETE", &path, None).await.0, 204);
+    actix_rt::time::sleep(Duration::from_millis(300)).await;
+    receive_sync_command(&server, &device).await;
+    let (_, _, items) = ddm(&server, &device, "declaration-items", None).await;
+    assert_eq!(items["Declarations"]["Activations"], json!([]));
+    let (status, _, _) = ddm(
+        &server,
+        &device,
+        &format!("declaration/activation/{ACTIVATION}"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        status, 404,
+        "never 500 for a declaration the device no longer has"
+    );
+    let (status, _, _) = ddm(&server, &device, "no-such-endpoint", None).await;
+    assert_eq!(status, 404);
+}
+
+#[actix_rt::test]
+async fn a_change_racing_a_sync_serves_the_revision_the_device_was_shown() {
+    let (server, device) = enrolled_device(UDID).await;
+    publish(&server).await;
+    assign(&server, "default").await;
+    receive_sync_command(&server, &device).await;
+    let (_, _, items) = ddm(&server, &device, "declaration-items", None).await;
+    let listed = items["Declarations"]["Configurations"][0]["ServerToken"].clone();
+    api(
+        &server,
+        "PUT",
+        "/api/v1/ddm/declarations?nonotify",
+        Some(test_config("newer")),
+    )
+    .await;
+    let (status, _, body) = ddm(
+        &server,
+        &device,
+        &format!("declaration/configuration/{CONFIG}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["ServerToken"], listed);
+    assert_eq!(body["Payload"]["Echo"], "hello");
+}
+
+#[actix_rt::test]
+async fn re_enrollment_resets_ddm_state_and_starts_a_sync() {
+    let (server, device) = enrolled_device(UDID).await;
+    publish(&server).await;
+    assign(&server, "default").await;
+    receive_sync_command(&server, &device).await;
+    full_sync(&server, &device).await;
+    device.enroll(&server).await;
+    let data = receive_sync_command(&server, &device).await;
+    assert!(data.is_some(), "re-enrollment queues a sync with tokens");
+    let (_, status) = api(
+        &server,
+        "GET",
+        &format!("/api/v1/ddm/declaration-status/{UDID}"),
+        None,
+    )
+    .await;
+    assert_eq!(status[UDID], json!([]), "stored status was reset");
+    let (_, sets) = api(
+        &server,
+        "GET",
+        &format!("/api/v1/ddm/enrollment-sets/{UDID}"),
+        None,
+    )
+    .await;
+    assert_eq!(sets, json!(["default"]), "assignments survive");
+}
+
+#[actix_rt::test]
+async fn invalid_declarations_are_rejected_with_the_path_of_the_problem() {
+    let server = Server::start();
+    let (status, body) = api(&server, "PUT", "/api/v1/ddm/declarations", Some(json!({
+        "Type": "com.apple.configuration.management.test", "Identifier": "com.example.bad", "Payload": {}
+    }))).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["declaration"], "com.example.bad");
+    assert!(body["issues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|i| i["path"].as_str().unwrap().contains("Echo")));
+
+    let (status, body) = api(
+        &server,
+        "PUT",
+        "/api/v1/ddm/declarations",
+        Some(activation()),
+    )
+    .await;
+    assert_eq!(
+        status, 400,
+        "the activation references a configuration that does not exist: {body}"
+    );
+    assert_eq!(body["error"], "missing_reference");
+
+    let (status, _) = api(&server, "PUT", "/api/v1/ddm/declarations", Some(json!({
+        "Type": "com.apple.configuration.management.test", "Identifier": "has/slash", "Payload": {"Echo": "x"}
+    }))).await;
+    assert_eq!(status, 400);
+    let (status, _) = api(
+        &server,
+        "PUT",
+        "/api/v1/ddm/declarations",
+        Some(json!({
+            "Type": "com.example.not-apple", "Identifier": "x", "Payload": {}
+        })),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, _) = api(&server, "PUT", "/api/v1/ddm/declarations", Some(json!({
+        "Type": "com.apple.configuration.from-a-newer-os", "Identifier": "com.example.new", "Payload": {"Anything": 1}
+    }))).await;
+    assert_eq!(
+        status, 204,
+        "a well-formed type from a newer OS is accepted"
+    );
+    let (_, ids) = api(&server, "GET", "/api/v1/ddm/declarations", None).await;
+    assert_eq!(
+        ids,
+        json!(["com.example.new"]),
+        "nothing invalid was stored"
+    );
+}
+
+#[actix_rt::test]
+async fn a_status_report_with_errors_is_surfaced_and_diagnosed() {
+    let (server, device) = enrolled_device(UDID).await;
+    publish(&server).await;
+    assign(&server, "default").await;
+    receive_sync_command(&server, &device).await;
+    let (_, _, items) = ddm(&server, &device, "declaration-items", None).await;
+    let token = items["Declarations"]["Configurations"][0]["ServerToken"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut report: Json = serde_json::from_slice(&fixture("kmfddm/status.D0.error.json")).unwrap();
+    report["StatusItems"]["management"]["declarations"]["configurations"] = json!([{
+        "identifier": CONFIG, "server-token": token, "active": false, "valid": "invalid",
+        "reasons": [{"code": "Error.ConfigurationCannotBeApplied", "description": "cannot apply"}]
+    }]);
+    let (status, _, _) = ddm(
+        &server,
+        &device,
+        "status",
+        Some(serde_json::to_vec(&report).unwrap()),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (_, errors) = api(
+        &server,
+        "GET",
+        &format!("/api/v1/ddm/status-errors/{UDID}"),
+        None,
+    )
+    .await;
+    assert!(errors[UDID]
+        .to_string()
+        .contains("Error.ConfigurationCannotBeApplied"));
+    let (_, diagnosis) = api(
+        &server,
+        "GET",
+        &format!("/api/v1/devices/{UDID}/ddm/diagnosis"),
+        None,
+    )
+    .await;
+    let finding = diagnosis["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["rule"] == "SD-T02")
+        .expect("SD-T02");
+    assert_eq!(finding["severity"], "error");
+    assert!(finding["fix"].as_str().unwrap().len() > 20);
+    let (_, fleet) = api(&server, "GET", "/api/v1/ddm/fleet/declarations", None).await;
+    assert_eq!(fleet[CONFIG]["invalid"], 1);
+    assert_eq!(fleet[ACTIVATION]["pending"], 1);
+    let (_, summary) = api(&server, "GET", "/api/v1/ddm/diagnosis", None).await;
+    assert_eq!(summary["rules"]["SD-T02"], 1);
+
+    let (status, _, _) = ddm(&server, &device, "status", Some(b"{not json".to_vec())).await;
+    assert_eq!(
+        status, 200,
+        "an unparseable report is kept raw, never refused"
+    );
+}
+
+#[actix_rt::test]
+async fn the_doctor_names_a_sync_that_stalls_after_declaration_items() {
+    let server = Server::start_with(&["--ddm-stall-after", "1"]);
+    let device = Device::new(&server, UDID);
+    device.enroll(&server).await;
+    publish(&server).await;
+    assign(&server, "default").await;
+    receive_sync_command(&server, &device).await;
+    ddm(&server, &device, "tokens", None).await;
+    ddm(&server, &device, "declaration-items", None).await;
+    actix_rt::time::sleep(Duration::from_millis(1500)).await;
+    let (_, diagnosis) = api(
+        &server,
+        "GET",
+        &format!("/api/v1/devices/{UDID}/ddm/diagnosis"),
+        None,
+    )
+    .await;
+    let stall = diagnosis["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["rule"] == "SD-S05")
+        .expect("SD-S05");
+    assert_eq!(
+        stall["evidence"]["expected_fetches"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert!(!diagnosis["timeline"].as_array().unwrap().is_empty());
+}
+
+#[actix_rt::test]
+async fn a_set_can_be_assigned_to_many_enrollments_at_once() {
+    let server = Server::start();
+    let devices: Vec<Device> = (0..5)
+        .map(|n| Device::new(&server, &format!("BULK-{n}")))
+        .collect();
+    for device in &devices {
+        device.enroll(&server).await;
+    }
+    publish(&server).await;
+    let ids: Vec<&str> = devices.iter().map(|d| d.udid.as_str()).collect();
+    let (status, body) = api(
+        &server,
+        "POST",
+        "/api/v1/ddm/assignments",
+        Some(json!({"set": "default", "enrollments": ids})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["changed"], 5);
+    for device in &devices {
+        assert!(
+            receive_sync_command(&server, device).await.is_none(),
+            "many targets: no Data"
+        );
+    }
+    assert_eq!(
+        api(&server, "POST", "/api/v1/ddm/notify?set=default", None)
+            .await
+            .0,
+        204
+    );
+    for device in &devices {
+        receive_sync_command(&server, device).await;
+    }
+}
