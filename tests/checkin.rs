@@ -137,19 +137,6 @@ async fn get_token_without_a_token_service_is_a_clear_4xx() {
 }
 
 #[actix_rt::test]
-async fn declarative_management_gets_a_clear_error_until_ddm_is_served() {
-    let (server, device) = enrolled_device(UDID).await;
-    let body = message(
-        &device,
-        "DeclarativeManagement",
-        &[("Endpoint", "tokens".into())],
-    );
-    let (status, reason) = device.checkin(&server, body).await;
-    assert_eq!(status, 501);
-    assert!(String::from_utf8_lossy(&reason).contains("declarative management"));
-}
-
-#[actix_rt::test]
 async fn a_user_channel_enrolls_through_its_device_and_has_its_own_queue() {
     let (server, device) = enrolled_device(UDID).await;
     let user_token_update = message(
