@@ -58,6 +58,18 @@ pub struct ManifestSnapshot {
 }
 
 impl ManifestSnapshot {
+    /// The manifest of exactly these declarations.
+    pub fn from_declarations(declarations: Vec<Arc<Declaration>>) -> ManifestSnapshot {
+        let manifest = Manifest::new(declarations.iter().map(|d| d.as_ref()));
+        let bodies = declarations
+            .into_iter()
+            .filter_map(|d| {
+                Category::from_type(&d.declaration_type).map(|c| ((c, d.identifier.clone()), d))
+            })
+            .collect();
+        ManifestSnapshot { manifest, bodies }
+    }
+
     /// The body of a listed declaration, exactly at the revision the manifest lists.
     pub fn body(&self, category: Category, identifier: &str) -> Option<&Arc<Declaration>> {
         self.bodies.get(&(category, identifier.to_string()))
@@ -288,15 +300,7 @@ impl Catalog {
             .flatten()
             .filter_map(|id| state.declarations.get(id).map(|d| (id.as_str(), d)))
             .collect();
-        let manifest = Manifest::new(declarations.values().map(|d| d.as_ref()));
-        let bodies = declarations
-            .values()
-            .filter_map(|d| {
-                Category::from_type(&d.declaration_type)
-                    .map(|c| ((c, d.identifier.clone()), Arc::clone(d)))
-            })
-            .collect();
-        ManifestSnapshot { manifest, bodies }
+        ManifestSnapshot::from_declarations(declarations.into_values().cloned().collect())
     }
 
     /// References from a new declaration must name declarations that exist (their

@@ -303,3 +303,198 @@ fn rfc3339(unix: i64) -> String {
         })
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::ddm::sync::ServedItem;
+    use crate::ddm::StatusReport;
+
+    fn declaration(json: serde_json::Value) -> Arc<Declaration> {
+        Arc::new(
+            Declaration::from_api_json(json.to_string().as_bytes(), 0)
+                .unwrap()
+                .0,
+        )
+    }
+
+    fn config() -> Arc<Declaration> {
+        declaration(
+            json!({"Type": "com.apple.configuration.management.test", "Identifier": "cfg", "Payload": {"Echo": "x"}}),
+        )
+    }
+
+    fn activation(target: &str) -> Arc<Declaration> {
+        declaration(
+            json!({"Type": "com.apple.activation.simple", "Identifier": "act", "Payload": {"StandardConfigurations": [target]}}),
+        )
+    }
+
+    fn healthy() -> EnrollmentFacts {
+        EnrollmentFacts {
+            enabled: true,
+            push_token_valid: true,
+            awaiting_configuration: false,
+        }
+    }
+
+    fn rules(findings: &[Finding]) -> Vec<&'static str> {
+        findings.iter().map(|f| f.rule).collect()
+    }
+
+    /// A state whose device reported every declaration of `manifest` active and current.
+    fn converged(manifest: &ManifestSnapshot) -> DdmState {
+        let mut state = DdmState::default();
+        let items: Vec<serde_json::Value> = manifest.manifest.items().iter().map(|i| json!({
+            "identifier": i.identifier, "server-token": i.server_token, "active": true, "valid": "valid"
+        })).collect();
+        let report = json!({"StatusItems": {"management": {
+            "declarations": {"activations": items.iter().filter(|i| i["identifier"] == "act").collect::<Vec<_>>(),
+                             "configurations": items.iter().filter(|i| i["identifier"] == "cfg").collect::<Vec<_>>(),
+                             "assets": [], "management": []},
+            "client-capabilities": {"supported-payloads": {"declarations": {
+                "activations": ["com.apple.activation.simple"],
+                "configurations": ["com.apple.configuration.management.test"], "assets": [], "management": []}}}
+        }}, "Errors": []});
+        let raw = report.to_string();
+        state.ingest(
+            &StatusReport::parse(raw.as_bytes()).unwrap(),
+            raw.as_bytes(),
+            0,
+        );
+        state
+    }
+
+    fn items_served(state: &mut DdmState, manifest: &ManifestSnapshot, at: i64) {
+        state.record(
+            at,
+            SyncEventKind::Items {
+                token: manifest.manifest.declarations_token().into(),
+                items: vec![ServedItem {
+                    category: "configuration".into(),
+                    identifier: "cfg".into(),
+                    server_token: "t".into(),
+                }],
+            },
+        );
+    }
+
+    #[test]
+    fn a_converged_enrollment_has_no_findings() {
+        let manifest = ManifestSnapshot::from_declarations(vec![config(), activation("cfg")]);
+        let state = converged(&manifest);
+        assert!(diagnose(&state, &manifest, &healthy(), 1000, 120).is_empty());
+    }
+
+    #[test]
+    fn items_served_without_fetches_past_the_deadline_is_a_stall() {
+        let manifest = ManifestSnapshot::from_declarations(vec![config(), activation("cfg")]);
+        let mut state = DdmState::default();
+        items_served(&mut state, &manifest, 100);
+        assert!(
+            !rules(&diagnose(&state, &manifest, &healthy(), 150, 120)).contains(&"SD-S05"),
+            "not yet"
+        );
+        let findings = diagnose(&state, &manifest, &healthy(), 300, 120);
+        let stall = findings.iter().find(|f| f.rule == "SD-S05").unwrap();
+        assert_eq!(stall.severity, FindingSeverity::Error);
+        assert_eq!(
+            stall.evidence["expected_fetches"].as_array().unwrap().len(),
+            2
+        );
+    }
+
+    #[test]
+    fn fetches_without_a_status_report_are_flagged() {
+        let manifest = ManifestSnapshot::from_declarations(vec![config(), activation("cfg")]);
+        let mut state = DdmState::default();
+        items_served(&mut state, &manifest, 100);
+        state.record(
+            101,
+            SyncEventKind::Declaration {
+                category: "configuration".into(),
+                identifier: "cfg".into(),
+                served: true,
+            },
+        );
+        let found = rules(&diagnose(&state, &manifest, &healthy(), 400, 120));
+        assert!(
+            found.contains(&"SD-S07") && !found.contains(&"SD-S05"),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn a_reported_server_token_that_is_not_current_is_flagged() {
+        let old = ManifestSnapshot::from_declarations(vec![config(), activation("cfg")]);
+        let state = converged(&old);
+        let changed = declaration(
+            json!({"Type": "com.apple.configuration.management.test", "Identifier": "cfg", "Payload": {"Echo": "new"}}),
+        );
+        let current = ManifestSnapshot::from_declarations(vec![changed, activation("cfg")]);
+        let findings = diagnose(&state, &current, &healthy(), 1000, 120);
+        let stale = findings.iter().find(|f| f.rule == "SD-T01").unwrap();
+        assert_eq!(stale.evidence["declarations"][0]["identifier"], "cfg");
+    }
+
+    #[test]
+    fn a_declaration_the_device_rejected_is_an_error_with_its_reasons() {
+        let manifest = ManifestSnapshot::from_declarations(vec![config()]);
+        let mut state = DdmState::default();
+        let report = json!({"StatusItems": {"management": {"declarations": {"activations": [], "assets": [], "management": [],
+            "configurations": [{"identifier": "cfg", "server-token": "t", "active": false, "valid": "invalid",
+                "reasons": [{"code": "Error.ConfigurationCannotBeApplied"}]}]}}}, "Errors": []}).to_string();
+        state.ingest(
+            &StatusReport::parse(report.as_bytes()).unwrap(),
+            report.as_bytes(),
+            0,
+        );
+        let findings = diagnose(&state, &manifest, &healthy(), 10, 120);
+        let invalid = findings.iter().find(|f| f.rule == "SD-T02").unwrap();
+        assert!(invalid
+            .evidence
+            .to_string()
+            .contains("Error.ConfigurationCannotBeApplied"));
+    }
+
+    #[test]
+    fn an_activation_referencing_a_configuration_outside_the_manifest_is_flagged() {
+        let manifest = ManifestSnapshot::from_declarations(vec![activation("cfg")]);
+        let state = DdmState::default();
+        assert!(rules(&diagnose(&state, &manifest, &healthy(), 10, 120)).contains(&"SD-P08"));
+    }
+
+    #[test]
+    fn a_type_missing_from_client_capabilities_is_unsupported() {
+        let passcode = declaration(
+            json!({"Type": "com.apple.configuration.passcode.settings", "Identifier": "pc", "Payload": {}}),
+        );
+        let manifest =
+            ManifestSnapshot::from_declarations(vec![config(), activation("cfg"), passcode]);
+        let state = converged(&ManifestSnapshot::from_declarations(vec![
+            config(),
+            activation("cfg"),
+        ]));
+        let findings = diagnose(&state, &manifest, &healthy(), 10, 120);
+        let unsupported = findings.iter().find(|f| f.rule == "SD-E02").unwrap();
+        assert_eq!(
+            unsupported.evidence["unsupported"]["pc"],
+            "com.apple.configuration.passcode.settings"
+        );
+    }
+
+    #[test]
+    fn enrollment_gates_are_reported() {
+        let manifest = ManifestSnapshot::from_declarations(vec![]);
+        let state = DdmState::default();
+        let facts = EnrollmentFacts {
+            enabled: true,
+            push_token_valid: false,
+            awaiting_configuration: true,
+        };
+        let found = rules(&diagnose(&state, &manifest, &facts, 10, 120));
+        assert_eq!(found, ["SD-E01", "SD-A01", "SD-E03"]);
+    }
+}
