@@ -76,6 +76,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             web::get().to(status_values),
         )
         .route("/ddm/notify", web::post().to(notify))
+        .route("/ddm/tokens", web::get().to(mounted_tokens))
+        .route("/ddm/declaration-items", web::get().to(mounted_items))
+        .route(
+            "/ddm/declaration/{category}/{id}",
+            web::get().to(mounted_declaration),
+        )
         .route("/ddm/assignments", web::post().to(bulk_assign))
         .route("/ddm/fleet/declarations", web::get().to(fleet_declarations))
         .route("/ddm/diagnosis", web::get().to(fleet_diagnosis))
@@ -452,6 +458,68 @@ async fn notify(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
     let ids: Vec<String> = ids.into_iter().collect();
     commands::sync_declarations(&state.registry, &*state.push, &ids).await;
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// The enrollment named by `X-Enrollment-ID`, for the read-only mirrors of the device
+/// endpoints (NanoHUB's debugging routes).
+async fn mounted_view(req: &HttpRequest, state: &AppState) -> Result<(String, DdmView), Rejection> {
+    let id = req
+        .headers()
+        .get("X-Enrollment-ID")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            Rejection::api(
+                StatusCode::BAD_REQUEST,
+                "missing_enrollment_id",
+                "send the enrollment in X-Enrollment-ID",
+            )
+        })?
+        .to_string();
+    let view = ddm_view(state, &id).await?;
+    Ok((id, view))
+}
+
+/// What the device would get from `tokens` now (does not touch its sync state).
+async fn mounted_tokens(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    let (_, view) = mounted_view(&req, &state).await?;
+    let snapshot = state.registry.catalog().manifest(&view.state.sets);
+    Ok(HttpResponse::Ok().content_type("application/json").body(
+        snapshot
+            .manifest
+            .tokens_json(time::OffsetDateTime::now_utc()),
+    ))
+}
+
+async fn mounted_items(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    let (_, view) = mounted_view(&req, &state).await?;
+    let snapshot = state.registry.catalog().manifest(&view.state.sets);
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .body(snapshot.manifest.items_json()))
+}
+
+async fn mounted_declaration(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    let (_, view) = mounted_view(&req, &state).await?;
+    let (category, id) = path.into_inner();
+    let snapshot = state.registry.catalog().manifest(&view.state.sets);
+    crate::ddm::Category::parse(&category)
+        .and_then(|c| snapshot.body(c, &id))
+        .map(|d| {
+            HttpResponse::Ok()
+                .content_type("application/json")
+                .body(d.to_device_json())
+        })
+        .ok_or_else(|| device_error(DeviceError::DeclarationNotFound(id)))
 }
 
 /// `{"set": "...", "enrollments": [...], "unassign": false, "no_sync": false}`.
