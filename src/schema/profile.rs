@@ -94,6 +94,49 @@ fn validate_profile_at(profile: &Dictionary, path: &str, validation: &mut Valida
             validate_payload_at(payload, &index_path(&contents_path, index), validation);
         }
     }
+    check_identity_reference(contents, &contents_path, validation);
+}
+
+/// Payload types that can carry the device identity an MDM payload points at.
+const IDENTITY_PAYLOAD_TYPES: [&str; 3] = [
+    "com.apple.security.pkcs12",
+    "com.apple.security.scep",
+    "com.apple.security.acme",
+];
+
+/// An MDM payload's `IdentityCertificateUUID` must be the `PayloadUUID` of an identity
+/// payload in the same profile: the device has no other identity to present.
+fn check_identity_reference(contents: &[Value], contents_path: &str, validation: &mut Validation) {
+    let payloads: Vec<&Dictionary> = contents.iter().filter_map(Value::as_dictionary).collect();
+    let identities: Vec<&str> = payloads
+        .iter()
+        .filter(|p| {
+            p.get("PayloadType")
+                .and_then(Value::as_string)
+                .is_some_and(|t| IDENTITY_PAYLOAD_TYPES.contains(&t))
+        })
+        .filter_map(|p| p.get("PayloadUUID").and_then(Value::as_string))
+        .collect();
+    for (index, content) in contents.iter().enumerate() {
+        let Some(payload) = content.as_dictionary() else {
+            continue;
+        };
+        if payload.get("PayloadType").and_then(Value::as_string) != Some(MDM_PAYLOAD_TYPE) {
+            continue;
+        }
+        let Some(reference) = payload
+            .get("IdentityCertificateUUID")
+            .and_then(Value::as_string)
+        else {
+            continue;
+        };
+        if !identities.contains(&reference) {
+            validation.error(
+                &member_path(&index_path(contents_path, index), "IdentityCertificateUUID"),
+                format!("{reference:?} is not the PayloadUUID of an identity payload (PKCS#12, SCEP or ACME) in this profile"),
+            );
+        }
+    }
 }
 
 fn schema_keys(payload_type: &str) -> &'static [KeySchema] {
@@ -315,6 +358,17 @@ mod tests {
             ]),
         );
         profile
+    }
+
+    #[test]
+    fn the_mdm_payload_must_reference_an_identity_payload_of_the_profile() {
+        let mut mdm = mdm_payload();
+        mdm["IdentityCertificateUUID"] = json!("00000000-0000-0000-0000-000000000000");
+        let validation = validate_profile_payload(&enrollment_profile(mdm));
+        assert_eq!(
+            sorted_error_paths(&validation),
+            ["$.PayloadContent[1].IdentityCertificateUUID"]
+        );
     }
 
     #[test]
