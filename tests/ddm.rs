@@ -331,7 +331,6 @@ async fn a_removed_declaration_disappears_and_is_404() {
     full_sync(&server, &device).await;
     let path = format!("/api/v1/ddm/set-declarations/default?declaration={ACTIVATION}");
     assert_eq!(api(&server, "DELETE", &path, None).await.0, 204);
-    actix_rt::time::sleep(Duration::from_millis(300)).await;
     receive_sync_command(&server, &device).await;
     let (_, _, items) = ddm(&server, &device, "declaration-items", None).await;
     assert_eq!(items["Declarations"]["Activations"], json!([]));
