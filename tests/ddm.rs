@@ -113,7 +113,15 @@ async fn assign(server: &Server, set: &str) -> u16 {
 
 /// The DeclarativeManagement command the device receives next, acknowledged; its Data.
 async fn receive_sync_command(server: &Server, device: &Device) -> Option<Json> {
-    let (_, body) = device.connect(server, device.idle()).await;
+    // Catalog changes sync their enrollments in the background: give it a moment.
+    let mut body = Vec::new();
+    for _ in 0..200 {
+        body = device.connect(server, device.idle()).await.1;
+        if !body.is_empty() {
+            break;
+        }
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
         !body.is_empty(),
         "a DeclarativeManagement command is queued"

@@ -2,23 +2,7 @@
 //! way `crate::schema` spells the paths of its violations so that schema and
 //! reference problems read alike.
 
-/// The path of member `name` of the object at `parent`.
-pub(crate) fn member(parent: &str, name: &str) -> String {
-    let plain = !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if plain {
-        format!("{parent}.{name}")
-    } else {
-        format!("{parent}[{name:?}]")
-    }
-}
-
-/// The path of element `index` of the array at `parent`.
-pub(crate) fn index(parent: &str, index: usize) -> String {
-    format!("{parent}[{index}]")
-}
+pub(crate) use crate::schema::{index_path as index, member_path as member};
 
 /// Re-roots a path relative to a value (`$…`) under `root`, e.g. a payload
 /// violation `$.Echo` under `$.Payload` becomes `$.Payload.Echo`.

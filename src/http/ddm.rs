@@ -26,69 +26,43 @@ use crate::device::DeviceError;
 const FLEET_PAGE: usize = 1000;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/ddm/declarations", web::get().to(list_declarations))
-        .route("/ddm/declarations", web::put().to(put_declaration))
-        .route("/ddm/declarations/{id}", web::get().to(get_declaration))
-        .route(
-            "/ddm/declarations/{id}",
-            web::delete().to(delete_declaration),
-        )
-        .route(
-            "/ddm/declarations/{id}/touch",
-            web::post().to(touch_declaration),
-        )
-        .route("/ddm/sets", web::get().to(list_sets))
-        .route(
-            "/ddm/set-declarations/{set}",
-            web::get().to(set_declarations),
-        )
-        .route("/ddm/set-declarations/{set}", web::put().to(add_to_set))
-        .route(
-            "/ddm/set-declarations/{set}",
-            web::delete().to(remove_from_set),
-        )
-        .route(
-            "/ddm/declaration-sets/{id}",
-            web::get().to(declaration_sets),
-        )
-        .route(
-            "/ddm/enrollment-sets/{enrollment}",
-            web::get().to(enrollment_sets),
-        )
-        .route(
-            "/ddm/enrollment-sets/{enrollment}",
-            web::put().to(assign_set),
-        )
-        .route(
-            "/ddm/enrollment-sets/{enrollment}",
-            web::delete().to(unassign_set),
-        )
-        .route(
-            "/ddm/declaration-status/{enrollment}",
-            web::get().to(declaration_status),
-        )
-        .route(
-            "/ddm/status-errors/{enrollment}",
-            web::get().to(status_errors),
-        )
-        .route(
-            "/ddm/status-values/{enrollment}",
-            web::get().to(status_values),
-        )
-        .route("/ddm/notify", web::post().to(notify))
-        .route("/ddm/tokens", web::get().to(mounted_tokens))
-        .route("/ddm/declaration-items", web::get().to(mounted_items))
-        .route(
-            "/ddm/declaration/{category}/{id}",
-            web::get().to(mounted_declaration),
-        )
-        .route("/ddm/assignments", web::post().to(bulk_assign))
-        .route("/ddm/fleet/declarations", web::get().to(fleet_declarations))
-        .route("/ddm/diagnosis", web::get().to(fleet_diagnosis))
-        .route(
-            "/devices/{id}/ddm/diagnosis",
-            web::get().to(device_diagnosis),
-        );
+    let resource = |path: &str| web::resource(format!("/ddm{path}"));
+    cfg.service(
+        resource("/declarations")
+            .get(list_declarations)
+            .put(put_declaration),
+    )
+    .service(
+        resource("/declarations/{id}")
+            .get(get_declaration)
+            .delete(delete_declaration),
+    )
+    .service(resource("/declarations/{id}/touch").post(touch_declaration))
+    .service(resource("/sets").get(list_sets))
+    .service(
+        resource("/set-declarations/{set}")
+            .get(set_declarations)
+            .put(add_to_set)
+            .delete(remove_from_set),
+    )
+    .service(resource("/declaration-sets/{id}").get(declaration_sets))
+    .service(
+        resource("/enrollment-sets/{enrollment}")
+            .get(enrollment_sets)
+            .put(assign_set)
+            .delete(unassign_set),
+    )
+    .service(resource("/declaration-status/{enrollment}").get(declaration_status))
+    .service(resource("/status-errors/{enrollment}").get(status_errors))
+    .service(resource("/status-values/{enrollment}").get(status_values))
+    .service(resource("/notify").post(notify))
+    .service(resource("/tokens").get(mounted_tokens))
+    .service(resource("/declaration-items").get(mounted_items))
+    .service(resource("/declaration/{category}/{id}").get(mounted_declaration))
+    .service(resource("/assignments").post(bulk_assign))
+    .service(resource("/fleet/declarations").get(fleet_declarations))
+    .service(resource("/diagnosis").get(fleet_diagnosis))
+    .service(web::resource("/devices/{id}/ddm/diagnosis").get(device_diagnosis));
 }
 
 #[derive(Deserialize)]

@@ -22,6 +22,7 @@ pub use model::{
 };
 pub use profile::{validate_mdm_payload, validate_profile_payload};
 pub use templates::{build_command, template_names, TemplateError};
+pub(crate) use validate::{index_path, member_path};
 pub use validate::{validate, validate_json, Validation, Violation};
 
 use yaml::Node;
