@@ -8,10 +8,11 @@ use serde::{Deserialize, Serialize};
 
 use super::{Category, EnrollmentStatus, StatusReport};
 
-/// Sync events kept per enrollment (the last few syncs).
-pub const TIMELINE_LENGTH: usize = 64;
+/// Sync events kept per enrollment (the last few syncs). Resident actors hold their
+/// state in memory, so these bounds are per-device memory.
+pub const TIMELINE_LENGTH: usize = 32;
 /// Raw status reports kept per enrollment.
-pub const REPORTS_KEPT: usize = 5;
+pub const REPORTS_KEPT: usize = 2;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct DdmState {

@@ -1,0 +1,440 @@
+//! The scenarios: what the operator side does (enqueue, publish, assign) and what the
+//! fleet must reach before a phase counts as finished.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use awc::http::Method;
+use futures_util::{stream, StreamExt};
+use plist::{Dictionary, Value};
+use serde_json::json;
+use tokio::time::Instant as Deadline;
+
+use crate::cli::{Args, EnqueueRoute, Scenario};
+use crate::fleet::{Fleet, Goal};
+use crate::http::Failed;
+
+/// Declarations the DDM scenarios publish: a test configuration whose payload changes per
+/// revision, and the activation that applies it.
+pub const CONFIGURATION: &str = "com.orchard-load.test";
+const ACTIVATION: &str = "com.orchard-load.activation";
+const SET: &str = "orchard-load";
+/// Enqueue requests in flight at once: enough to overlap the server's durable writes.
+const PARALLEL_CHUNKS: usize = 4;
+
+/// One measured phase: how many devices should finish, how many did, and when.
+#[derive(Clone, Debug)]
+pub struct Phase {
+    pub name: &'static str,
+    pub expected: usize,
+    pub completed: usize,
+    pub seconds: f64,
+    /// `[count, p50, p90, p99, max]` milliseconds from the start of the phase.
+    pub convergence_ms: Option<[u64; 5]>,
+}
+
+pub struct Outcome {
+    pub phases: Vec<Phase>,
+    pub server_view: Option<serde_json::Value>,
+}
+
+/// Runs `args.scenario` against the fleet; the last phase is the headline.
+pub async fn run(fleet: &Rc<Fleet>, args: &Args) -> Result<Outcome, Failed> {
+    let timeout = Duration::from_secs_f64(args.timeout);
+    let mut phases = Vec::new();
+    let enrollment = enroll(fleet, args, timeout).await;
+    let mut server_view = None;
+    match args.scenario {
+        Scenario::Enroll => phases.push(enrollment),
+        Scenario::Checkin => {
+            phases.push(enrollment);
+            phases.push(checkin(fleet, args, args.rate).await);
+        }
+        Scenario::CommandStorm => {
+            phases.push(enrollment);
+            phases.push(command_storm(fleet, args, timeout).await?);
+        }
+        Scenario::DdmConverge => {
+            phases.push(enrollment);
+            let revision = Revision::new();
+            phases.push(publish_and_assign(fleet, args, &revision, timeout).await?);
+            phases.push(change(fleet, &revision, timeout).await?);
+            server_view = fleet_view(fleet).await;
+        }
+        Scenario::Mixed => {
+            phases.push(enrollment);
+            let revision = Revision::new();
+            phases.push(publish_and_assign(fleet, args, &revision, timeout).await?);
+            phases.push(mixed(fleet, args, &revision, timeout).await?);
+            server_view = fleet_view(fleet).await;
+        }
+    }
+    Ok(Outcome {
+        phases,
+        server_view,
+    })
+}
+
+fn deadline_after(timeout: Duration) -> Deadline {
+    Deadline::now() + timeout
+}
+
+fn finish(fleet: &Fleet, name: &'static str, expected: usize, started: Instant) -> Phase {
+    Phase {
+        name,
+        expected,
+        completed: fleet.completed(),
+        seconds: started.elapsed().as_secs_f64(),
+        convergence_ms: fleet.http.stats.convergence(),
+    }
+}
+
+/// Every device enrolls, `--concurrency` at a time.
+async fn enroll(fleet: &Rc<Fleet>, args: &Args, timeout: Duration) -> Phase {
+    fleet.set_goal(Goal::Enrolled);
+    let started = Instant::now();
+    let count = fleet.devices.len();
+    let all = stream::iter(0..count as u32).for_each_concurrent(args.concurrency, |index| {
+        let fleet = Rc::clone(fleet);
+        async move {
+            // A failed enrollment is counted in the endpoint errors; the device stays out.
+            let _ = fleet.enroll(index).await;
+        }
+    });
+    let _ = tokio::time::timeout(timeout, all).await;
+    finish(fleet, "enroll", count, started)
+}
+
+/// Idle connects round-robin over the online devices, paced at `rate` per second (0: as
+/// fast as the concurrency allows), for `--duration`.
+async fn checkin(fleet: &Rc<Fleet>, args: &Args, rate: f64) -> Phase {
+    fleet.set_goal(Goal::Connected);
+    let started = Instant::now();
+    let (online, issued) = idle_traffic(fleet, args, rate).await;
+    let expected = online.min(usize::try_from(issued).unwrap_or(usize::MAX));
+    finish(fleet, "checkin", expected, started)
+}
+
+/// The check-in load itself: `(online devices, connects issued)`.
+async fn idle_traffic(fleet: &Rc<Fleet>, args: &Args, rate: f64) -> (usize, u64) {
+    let online: Rc<Vec<u32>> = Rc::new(
+        (0..fleet.devices.len() as u32)
+            .filter(|index| fleet.devices[*index as usize].online())
+            .collect(),
+    );
+    if online.is_empty() {
+        return (0, 0);
+    }
+    let started = Instant::now();
+    let stop = started + Duration::from_secs_f64(args.duration);
+    let issued = Rc::new(Cell::new(0u64));
+    let workers = (0..args.concurrency).map(|_| {
+        let fleet = Rc::clone(fleet);
+        let online = Rc::clone(&online);
+        let issued = Rc::clone(&issued);
+        async move {
+            loop {
+                let number = issued.get();
+                issued.set(number + 1);
+                if rate > 0.0 {
+                    let slot = started + Duration::from_secs_f64(number as f64 / rate);
+                    if slot >= stop {
+                        break;
+                    }
+                    tokio::time::sleep_until(slot.into()).await;
+                }
+                if Instant::now() >= stop {
+                    break;
+                }
+                let index = online[(number % online.len() as u64) as usize];
+                // Through `wake`, so a device already in a session (woken by a push)
+                // connects again afterwards instead of running two sessions at once.
+                Rc::clone(&fleet).wake(index).await;
+            }
+        }
+    });
+    futures_util::future::join_all(workers).await;
+    (online.len(), issued.get())
+}
+
+/// Devices that can receive commands: enrolled and not checked out.
+fn enrolled_udids(fleet: &Fleet) -> Vec<&str> {
+    fleet
+        .devices
+        .iter()
+        .filter(|device| device.enrolled_and_present())
+        .map(|device| &*device.udid)
+        .collect()
+}
+
+/// Enqueues one command for `udids` in chunks, `PARALLEL_CHUNKS` requests at a time.
+async fn enqueue(fleet: &Fleet, args: &Args, udids: &[&str]) -> Result<(), Failed> {
+    let requests = udids.chunks(args.chunk).map(|chunk| async move {
+        match args.enqueue {
+            EnqueueRoute::Api => {
+                let body = json!({
+                    "targets": chunk,
+                    "request_type": args.command.request_type(),
+                    "params": args.command.params(),
+                });
+                fleet
+                    .http
+                    .api(
+                        "api:commands",
+                        Method::POST,
+                        "/api/v1/commands",
+                        Some((
+                            "application/json",
+                            serde_json::to_vec(&body).unwrap_or_default(),
+                        )),
+                    )
+                    .await
+            }
+            EnqueueRoute::Nanohub => {
+                let path = format!("/api/v1/nanomdm/enqueue/{}", chunk.join(","));
+                fleet
+                    .http
+                    .api(
+                        "api:nanomdm-enqueue",
+                        Method::PUT,
+                        &path,
+                        Some(("application/xml", raw_command(args))),
+                    )
+                    .await
+            }
+        }
+    });
+    let answers: Vec<_> = stream::iter(requests)
+        .buffer_unordered(PARALLEL_CHUNKS)
+        .collect()
+        .await;
+    answers.into_iter().try_for_each(|answer| answer.map(drop))
+}
+
+/// The command plist NanoHUB's enqueue route takes.
+fn raw_command(args: &Args) -> Vec<u8> {
+    let mut command = Dictionary::new();
+    command.insert("RequestType".into(), args.command.request_type().into());
+    if let Some(queries) = args.command.params()["Queries"].as_array() {
+        let queries = queries
+            .iter()
+            .filter_map(|query| query.as_str().map(Value::from))
+            .collect();
+        command.insert("Queries".into(), Value::Array(queries));
+    }
+    let mut outer = Dictionary::new();
+    outer.insert(
+        "CommandUUID".into(),
+        uuid::Uuid::new_v4().to_string().to_uppercase().into(),
+    );
+    outer.insert("Command".into(), Value::Dictionary(command));
+    let mut body = Vec::new();
+    let _ = Value::Dictionary(outer).to_writer_xml(&mut body);
+    body
+}
+
+/// One command to every device; finished when every online device has answered it.
+async fn command_storm(fleet: &Rc<Fleet>, args: &Args, timeout: Duration) -> Result<Phase, Failed> {
+    fleet.set_goal(Goal::Answered {
+        request_type: args.command.request_type().to_owned(),
+    });
+    let started = Instant::now();
+    let deadline = deadline_after(timeout);
+    let expected = fleet.expected();
+    enqueue(fleet, args, &enrolled_udids(fleet)).await?;
+    fleet.wait_for(expected, deadline).await;
+    Ok(finish(fleet, "command-storm", expected, started))
+}
+
+/// A declaration revision: a payload unique to this run, so a server that already holds
+/// an earlier run's declarations still sees a change.
+struct Revision {
+    run: String,
+    number: Cell<u32>,
+}
+
+impl Revision {
+    fn new() -> Self {
+        Self {
+            run: uuid::Uuid::new_v4().simple().to_string(),
+            number: Cell::new(0),
+        }
+    }
+
+    /// Advances to the next revision; its echo value.
+    fn next(&self) -> String {
+        self.number.set(self.number.get() + 1);
+        format!("{}-{}", self.run, self.number.get())
+    }
+}
+
+async fn put_declaration(fleet: &Fleet, declaration: serde_json::Value) -> Result<(), Failed> {
+    fleet
+        .http
+        .api(
+            "api:declarations",
+            Method::PUT,
+            "/api/v1/ddm/declarations",
+            Some((
+                "application/json",
+                serde_json::to_vec(&declaration).unwrap_or_default(),
+            )),
+        )
+        .await
+        .map(drop)
+}
+
+fn configuration(echo: &str) -> serde_json::Value {
+    json!({"Type": "com.apple.configuration.management.test", "Identifier": CONFIGURATION,
+           "Payload": {"Echo": echo}})
+}
+
+/// Publishes the declaration pair into a set, assigns the set to every device in chunks,
+/// and waits for the fleet to report the first revision.
+async fn publish_and_assign(
+    fleet: &Rc<Fleet>,
+    args: &Args,
+    revision: &Revision,
+    timeout: Duration,
+) -> Result<Phase, Failed> {
+    let echo = revision.next();
+    put_declaration(fleet, configuration(&echo)).await?;
+    put_declaration(
+        fleet,
+        json!({"Type": "com.apple.activation.simple", "Identifier": ACTIVATION,
+               "Payload": {"StandardConfigurations": [CONFIGURATION]}}),
+    )
+    .await?;
+    for identifier in [CONFIGURATION, ACTIVATION] {
+        let path = format!("/api/v1/ddm/set-declarations/{SET}?declaration={identifier}");
+        fleet
+            .http
+            .api("api:set-declarations", Method::PUT, &path, None)
+            .await?;
+    }
+    fleet.set_goal(Goal::Revision {
+        identifier: CONFIGURATION.to_owned(),
+        echo,
+    });
+    let started = Instant::now();
+    let deadline = deadline_after(timeout);
+    let expected = fleet.expected();
+    let udids = enrolled_udids(fleet);
+    let assignments = udids.chunks(args.chunk).map(|chunk| async move {
+        let body = json!({"set": SET, "enrollments": chunk});
+        fleet
+            .http
+            .api(
+                "api:assignments",
+                Method::POST,
+                "/api/v1/ddm/assignments",
+                Some((
+                    "application/json",
+                    serde_json::to_vec(&body).unwrap_or_default(),
+                )),
+            )
+            .await
+    });
+    let answers: Vec<_> = stream::iter(assignments)
+        .buffer_unordered(PARALLEL_CHUNKS)
+        .collect()
+        .await;
+    answers
+        .into_iter()
+        .try_for_each(|answer| answer.map(drop))?;
+    fleet.wait_for(expected, deadline).await;
+    Ok(finish(fleet, "ddm-assign", expected, started))
+}
+
+/// Publishes a new revision of the configuration; finished when every online device has
+/// reported it.
+async fn change(
+    fleet: &Rc<Fleet>,
+    revision: &Revision,
+    timeout: Duration,
+) -> Result<Phase, Failed> {
+    let echo = revision.next();
+    fleet.set_goal(Goal::Revision {
+        identifier: CONFIGURATION.to_owned(),
+        echo: echo.clone(),
+    });
+    let started = Instant::now();
+    let deadline = deadline_after(timeout);
+    let expected = fleet.expected();
+    put_declaration(fleet, configuration(&echo)).await?;
+    fleet.wait_for(expected, deadline).await;
+    Ok(finish(fleet, "ddm-converge", expected, started))
+}
+
+/// Steady check-ins with a command wave to a tenth of the fleet every 5 s and a new
+/// declaration revision every 15 s; finished when the fleet reports the last revision.
+async fn mixed(
+    fleet: &Rc<Fleet>,
+    args: &Args,
+    revision: &Revision,
+    timeout: Duration,
+) -> Result<Phase, Failed> {
+    const COMMAND_EVERY: Duration = Duration::from_secs(5);
+    const REVISION_EVERY: Duration = Duration::from_secs(15);
+    let rate = if args.rate > 0.0 { args.rate } else { 100.0 };
+    let started = Instant::now();
+    let stop = started + Duration::from_secs_f64(args.duration);
+    let background = async {
+        let udids = enrolled_udids(fleet);
+        let slice = (udids.len() / 10).max(1);
+        let mut wave = 0usize;
+        let mut next_command = started + COMMAND_EVERY;
+        let mut next_revision = started;
+        loop {
+            let now = Instant::now();
+            if now >= stop {
+                return Ok::<(), Failed>(());
+            }
+            if now >= next_revision {
+                let echo = revision.next();
+                fleet.set_goal(Goal::Revision {
+                    identifier: CONFIGURATION.to_owned(),
+                    echo: echo.clone(),
+                });
+                put_declaration(fleet, configuration(&echo)).await?;
+                next_revision += REVISION_EVERY;
+            }
+            if now >= next_command && !udids.is_empty() {
+                let first = (wave * slice) % udids.len();
+                let targets: Vec<&str> = udids
+                    .iter()
+                    .cycle()
+                    .skip(first)
+                    .take(slice)
+                    .copied()
+                    .collect();
+                enqueue(fleet, args, &targets).await?;
+                wave += 1;
+                next_command += COMMAND_EVERY;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let (_, waves) = tokio::join!(idle_traffic(fleet, args, rate), background);
+    waves?;
+    let expected = fleet.expected();
+    fleet.wait_for(expected, deadline_after(timeout)).await;
+    Ok(finish(fleet, "mixed", expected, started))
+}
+
+/// Orchard's own count of devices per declaration state, as a cross-check of what the
+/// devices believe they reported.
+async fn fleet_view(fleet: &Fleet) -> Option<serde_json::Value> {
+    let (_, body) = fleet
+        .http
+        .api(
+            "api:fleet-declarations",
+            Method::GET,
+            "/api/v1/ddm/fleet/declarations",
+            None,
+        )
+        .await
+        .ok()?;
+    serde_json::from_slice(&body).ok()
+}
