@@ -114,6 +114,10 @@ pub struct ServeArgs {
     #[arg(long, env = "ORCHARD_SCYLLA_KEYSPACE", default_value = "orchard")]
     pub scylla_keyspace: String,
 
+    /// Page cache of the embedded store, in MiB.
+    #[arg(long, env = "ORCHARD_STORE_CACHE_MB", default_value_t = 256)]
+    pub store_cache_mb: usize,
+
     /// Largest accepted request body.
     #[arg(long, env = "ORCHARD_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,

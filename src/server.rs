@@ -43,8 +43,10 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
         )
     })?;
     let store: Arc<dyn Store> = match args.store {
-        StoreKind::Embedded => EmbeddedStore::open(&args.data_dir)
-            .map_err(|e| fail("cannot open the embedded store", e))?,
+        StoreKind::Embedded => {
+            EmbeddedStore::open_with_cache(&args.data_dir, args.store_cache_mb.max(1) << 20)
+                .map_err(|e| fail("cannot open the embedded store", e))?
+        }
         StoreKind::Scylla => {
             return Err(StartupError(
                 "--store scylla is not available in this build; use --store embedded".into(),

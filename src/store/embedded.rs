@@ -39,6 +39,9 @@ use super::{
     PushCertRecord, QueueEntry, Store, StoreError, StoreResult, StoredCommand, WakeEntry,
 };
 
+/// Page cache unless configured (redb's own default is 1 GiB).
+pub const DEFAULT_CACHE_BYTES: usize = 256 * 1024 * 1024;
+
 /// Name of the database file inside the data directory.
 pub const DATABASE_FILE: &str = "orchard.redb";
 
@@ -84,13 +87,23 @@ pub struct EmbeddedStore {
 }
 
 impl EmbeddedStore {
-    /// Open (or create) `dir/orchard.redb`, creating `dir` if needed, and start the
-    /// writer thread.
+    /// Open (or create) `dir/orchard.redb` with the default page cache.
     pub fn open(dir: &Path) -> StoreResult<Arc<EmbeddedStore>> {
+        EmbeddedStore::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Open (or create) `dir/orchard.redb`, creating `dir` if needed, with a page cache of
+    /// `cache_bytes`, and start the writer thread. The cache is most of the store's memory:
+    /// device state lives in resident actors, so the store mainly serves activations.
+    pub fn open_with_cache(dir: &Path, cache_bytes: usize) -> StoreResult<Arc<EmbeddedStore>> {
         std::fs::create_dir_all(dir).map_err(|err| {
             StoreError::Backend(format!("cannot create {}: {err}", dir.display()))
         })?;
-        let db = Arc::new(Database::create(dir.join(DATABASE_FILE)).map_err(backend_error)?);
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(dir.join(DATABASE_FILE))
+            .map_err(backend_error)?;
+        let db = Arc::new(db);
         create_tables(&db)?;
 
         let (sender, receiver) = mpsc::channel(WRITE_QUEUE_CAPACITY);
