@@ -214,20 +214,8 @@ impl Catalog {
         Ok(true)
     }
 
-    /// Add a declaration to a set (creating the set).
-    pub async fn add_to_set(&self, set: &str, identifier: &str) -> Result<Change, CatalogError> {
-        self.change_set(set, identifier, true).await
-    }
-
-    pub async fn remove_from_set(
-        &self,
-        set: &str,
-        identifier: &str,
-    ) -> Result<Change, CatalogError> {
-        self.change_set(set, identifier, false).await
-    }
-
-    async fn change_set(
+    /// Add a declaration to a set (creating the set), or remove it.
+    pub async fn change_set(
         &self,
         set: &str,
         identifier: &str,

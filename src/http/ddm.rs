@@ -222,18 +222,27 @@ struct DeclarationQuery {
     nonotify: Option<String>,
 }
 
+async fn change_set_membership(
+    set: &str,
+    query: &DeclarationQuery,
+    state: &AppState,
+    add: bool,
+) -> Result<HttpResponse, Rejection> {
+    let change = state
+        .registry
+        .catalog()
+        .change_set(set, &query.declaration, add)
+        .await
+        .map_err(catalog_error)?;
+    Ok(changed_response(state, change, query.nonotify.is_none()).await)
+}
+
 async fn add_to_set(
     set: web::Path<String>,
     query: web::Query<DeclarationQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Rejection> {
-    let change = state
-        .registry
-        .catalog()
-        .add_to_set(&set, &query.declaration)
-        .await
-        .map_err(catalog_error)?;
-    Ok(changed_response(&state, change, query.nonotify.is_none()).await)
+    change_set_membership(&set, &query, &state, true).await
 }
 
 async fn remove_from_set(
@@ -241,13 +250,7 @@ async fn remove_from_set(
     query: web::Query<DeclarationQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Rejection> {
-    let change = state
-        .registry
-        .catalog()
-        .remove_from_set(&set, &query.declaration)
-        .await
-        .map_err(catalog_error)?;
-    Ok(changed_response(&state, change, query.nonotify.is_none()).await)
+    change_set_membership(&set, &query, &state, false).await
 }
 
 async fn declaration_sets(id: web::Path<String>, state: web::Data<AppState>) -> HttpResponse {
