@@ -452,3 +452,52 @@ async fn a_pkcs12_push_certificate_is_accepted_with_its_password() {
         .unwrap();
     assert_eq!(wrong.status().as_u16(), 400);
 }
+
+#[actix_rt::test]
+async fn each_topic_pushes_with_its_own_certificate_over_its_own_connections() {
+    const OTHER_TOPIC: &str = "com.apple.mgmt.External.2f7c9b1e-0000-4000-8000-00000000beef";
+    let (first, second) = (
+        push_certificate_pem(TOPIC),
+        push_certificate_pem(OTHER_TOPIC),
+    );
+    let peer = Peer::start(PeerConfig {
+        trusted_client_certs: vec![certificate_der(&first), certificate_der(&second)],
+        ..PeerConfig::default()
+    });
+    let args = peer.server_args();
+    let server = Server::start_with(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    upload_this_push_cert(&server, &first).await;
+    let (status, body) = api_put(
+        &server,
+        "/api/v1/nanomdm/pushcert",
+        second.as_bytes().to_vec(),
+    )
+    .await;
+    assert_eq!((status, body["topic"].as_str()), (200, Some(OTHER_TOPIC)));
+
+    let ours = Device::new(&server, "TOPIC-A-DEVICE");
+    ours.enroll(&server).await;
+    let theirs = Device::new(&server, "TOPIC-B-DEVICE");
+    let mut authenticate = fixture_dict("nanomdm/Authenticate.2.plist");
+    authenticate.insert("UDID".into(), theirs.udid.clone().into());
+    authenticate.insert("Topic".into(), OTHER_TOPIC.into());
+    assert_eq!(theirs.checkin(&server, to_xml(&authenticate)).await.0, 200);
+    let mut token_update: plist::Dictionary = plist::from_bytes(&theirs.token_update()).unwrap();
+    token_update.insert("Topic".into(), OTHER_TOPIC.into());
+    assert_eq!(theirs.checkin(&server, to_xml(&token_update)).await.0, 200);
+
+    let (status, body) = push(&server, "TOPIC-A-DEVICE,TOPIC-B-DEVICE").await;
+    assert_eq!(status, 200, "{body}");
+    let topics: std::collections::BTreeMap<String, Option<String>> = peer
+        .peer
+        .recent()
+        .into_iter()
+        .map(|p| (p.token_hex, p.topic))
+        .collect();
+    assert_eq!(topics[&ours.push_token_hex()].as_deref(), Some(TOPIC));
+    assert_eq!(
+        topics[&theirs.push_token_hex()].as_deref(),
+        Some(OTHER_TOPIC)
+    );
+    assert_eq!(peer.peer.connections_accepted(), 2, "one pool per topic");
+}
