@@ -124,14 +124,18 @@ impl DeviceActor {
         batch: Vec<Mutation>,
         reply: T,
     ) -> ResponseActFuture<Self, Result<T, DeviceError>> {
+        // Only a batch that writes the enrollment row moves the persisted `last_seen`.
+        let written_last_seen = batch.iter().rev().find_map(|m| match m {
+            Mutation::PutEnrollment(record) if record.id == self.id => Some(record.last_seen),
+            _ => None,
+        });
         let store = Arc::clone(self.registry.store());
         let write = async move { store.apply(batch).await };
         Box::pin(write.into_actor(self).map(
             move |written, act, ctx| match written {
                 Ok(()) => {
-                    if let Ok(loaded) = act.loaded() {
-                        loaded.persisted_last_seen =
-                            loaded.record.as_ref().map_or(0, |r| r.last_seen);
+                    if let (Some(last_seen), Ok(loaded)) = (written_last_seen, act.loaded()) {
+                        loaded.persisted_last_seen = last_seen;
                     }
                     Ok(reply)
                 }
@@ -444,9 +448,6 @@ impl DeviceActor {
                 });
             }
             (_, None) => {}
-        }
-        if let Ok(record) = self.put_record() {
-            batch.push(record);
         }
         if status == ResultStatus::NotNow {
             let due = self.first_wake_due();
