@@ -70,6 +70,12 @@ async fn ddm(
     )
 }
 
+/// The sync doctor's answer for the test device.
+async fn diagnosis(server: &Server) -> Json {
+    let path = format!("/api/v1/devices/{UDID}/ddm/diagnosis");
+    api(server, "GET", &path, None).await.1
+}
+
 /// Publish the pair and put both in set `default`.
 async fn publish(server: &Server) {
     assert_eq!(
@@ -247,13 +253,7 @@ async fn a_device_syncs_published_declarations_end_to_end() {
     assert!(values[UDID].as_array().unwrap().iter().any(|v| v["path"]
         == ".StatusItems.device.operating-system.version"
         && v["value"] == "13.3.1"));
-    let (_, diagnosis) = api(
-        &server,
-        "GET",
-        &format!("/api/v1/devices/{UDID}/ddm/diagnosis"),
-        None,
-    )
-    .await;
+    let diagnosis = diagnosis(&server).await;
     let rules: Vec<&str> = diagnosis["findings"]
         .as_array()
         .unwrap()
@@ -502,13 +502,7 @@ async fn a_status_report_with_errors_is_surfaced_and_diagnosed() {
     assert!(errors[UDID]
         .to_string()
         .contains("Error.ConfigurationCannotBeApplied"));
-    let (_, diagnosis) = api(
-        &server,
-        "GET",
-        &format!("/api/v1/devices/{UDID}/ddm/diagnosis"),
-        None,
-    )
-    .await;
+    let diagnosis = diagnosis(&server).await;
     let finding = diagnosis["findings"]
         .as_array()
         .unwrap()
@@ -541,13 +535,7 @@ async fn the_doctor_names_a_sync_that_stalls_after_declaration_items() {
     ddm(&server, &device, "tokens", None).await;
     ddm(&server, &device, "declaration-items", None).await;
     actix_rt::time::sleep(Duration::from_millis(1500)).await;
-    let (_, diagnosis) = api(
-        &server,
-        "GET",
-        &format!("/api/v1/devices/{UDID}/ddm/diagnosis"),
-        None,
-    )
-    .await;
+    let diagnosis = diagnosis(&server).await;
     let stall = diagnosis["findings"]
         .as_array()
         .unwrap()
