@@ -7,7 +7,8 @@ use std::sync::Arc;
 use futures_util::{stream, StreamExt};
 
 use crate::device::messages::{
-    Enqueue, GetPushTarget, InvalidatePushToken, PushDecision, SyncDeclarations, WakeDue,
+    AssignSet, Assigned, Enqueue, GetPushTarget, InvalidatePushToken, PushDecision, SyncCommand,
+    SyncDeclarations, WakeDue,
 };
 use crate::device::{DeviceError, Registry};
 use crate::push::{Push, PushOutcome, PushTarget};
@@ -211,21 +212,99 @@ pub async fn set_members(store: &dyn Store, sets: &[String]) -> Result<Vec<Strin
 }
 
 /// Start a DDM sync on every enrollment given: one DeclarativeManagement command each
-/// (carrying the tokens when it goes to one device, as they are then known to be its
-/// own), then one batched push. Answers how many enrollments queued the command.
-pub async fn sync_declarations(registry: &Arc<Registry>, push: &dyn Push, ids: &[String]) -> usize {
-    let with_tokens = ids.len() == 1;
+/// (carrying the tokens when it goes to one device, as they are then known to be its own;
+/// otherwise one shared body), then one batched push. Answers how many enrollments
+/// queued the command.
+pub async fn sync_declarations(
+    registry: &Arc<Registry>,
+    push: &dyn Push,
+    ids: &[String],
+) -> Result<usize, StoreError> {
+    let command = sync_command_for(registry, ids).await?;
     let decisions: Vec<(String, Result<PushDecision, DeviceError>)> = stream::iter(ids)
-        .map(|id| async move {
-            (
-                id.clone(),
-                registry.call(id, SyncDeclarations { with_tokens }).await,
-            )
+        .map(|id| {
+            let msg = SyncDeclarations {
+                command: command.clone(),
+            };
+            async move { (id.clone(), registry.call(id, msg).await) }
         })
         .buffered(FAN_OUT)
         .collect()
         .await;
     let queued = decisions.iter().filter(|(_, d)| d.is_ok()).count();
+    metrics::counter!("orchard_ddm_syncs_triggered_total").increment(queued as u64);
+    wake_for_sync(registry, push, decisions).await;
+    Ok(queued)
+}
+
+/// Assign (or unassign) `set` to every id; with `sync`, each enrollment whose assignment
+/// changed queues the sync command in the same write, and all of them are pushed in one
+/// batch. Answers, per id, whether its assignment changed.
+pub async fn assign_set(
+    registry: &Arc<Registry>,
+    push: &dyn Push,
+    ids: &[String],
+    set: &str,
+    assign: bool,
+    sync: bool,
+) -> Result<Vec<(String, Result<bool, DeviceError>)>, StoreError> {
+    let then_sync = match sync {
+        true => Some(sync_command_for(registry, ids).await?),
+        false => None,
+    };
+    let outcomes: Vec<(String, Result<Assigned, DeviceError>)> = stream::iter(ids)
+        .map(|id| {
+            let msg = AssignSet {
+                set: set.to_string(),
+                assign,
+                then_sync: then_sync.clone(),
+            };
+            async move { (id.clone(), registry.call(id, msg).await) }
+        })
+        .buffered(FAN_OUT)
+        .collect()
+        .await;
+    let mut changed = Vec::with_capacity(outcomes.len());
+    let mut decisions = Vec::new();
+    for (id, outcome) in outcomes {
+        if let Ok(Assigned {
+            push: Some(decision),
+            ..
+        }) = &outcome
+        {
+            decisions.push((id.clone(), Ok(decision.clone())));
+        }
+        changed.push((id, outcome.map(|assigned| assigned.changed)));
+    }
+    metrics::counter!("orchard_ddm_syncs_triggered_total").increment(decisions.len() as u64);
+    wake_for_sync(registry, push, decisions).await;
+    Ok(changed)
+}
+
+/// The sync command for a change reaching `ids`: the device's own with its tokens when
+/// it is one enrollment, else one body shared by all, stored before any queue entry
+/// refers to it.
+async fn sync_command_for(
+    registry: &Arc<Registry>,
+    ids: &[String],
+) -> Result<SyncCommand, StoreError> {
+    if ids.len() == 1 {
+        return Ok(SyncCommand::WithTokens);
+    }
+    let command = crate::ddm::sync_command(None);
+    registry
+        .store()
+        .apply(vec![Mutation::PutCommand(command.clone())])
+        .await?;
+    Ok(SyncCommand::Shared(registry.intern_body(command)))
+}
+
+/// Push the enrollments whose sync command asked for it.
+async fn wake_for_sync(
+    registry: &Arc<Registry>,
+    push: &dyn Push,
+    decisions: Vec<(String, Result<PushDecision, DeviceError>)>,
+) {
     let targets: Vec<PushTarget> = decisions
         .into_iter()
         .filter_map(|(id, decision)| match decision {
@@ -237,9 +316,7 @@ pub async fn sync_declarations(registry: &Arc<Registry>, push: &dyn Push, ids: &
             }
         })
         .collect();
-    metrics::counter!("orchard_ddm_syncs_triggered_total").increment(queued as u64);
     if !targets.is_empty() {
         dispatch(registry, push, &targets).await;
     }
-    queued
 }

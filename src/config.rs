@@ -138,6 +138,16 @@ pub struct ServeArgs {
     #[arg(long, env = "ORCHARD_MAX_RESIDENT_ACTORS", default_value_t = 200_000)]
     pub max_resident_actors: usize,
 
+    /// Identity certificates whose verification is remembered (about 100 bytes each). A
+    /// device whose certificate is not remembered costs a chain verification (tens of
+    /// microseconds of CPU) per request, so size it to the fleet; 0 disables the cache.
+    #[arg(
+        long,
+        env = "ORCHARD_IDENTITY_CACHE_ENTRIES",
+        default_value_t = 1_000_000
+    )]
+    pub identity_cache_entries: usize,
+
     /// How to answer UserAuthenticate for macOS network users.
     #[arg(
         long,

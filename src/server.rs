@@ -61,7 +61,8 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
         anchors.extend(read_pem_certs(path)?);
     }
     let verifier = Arc::new(
-        IdentityVerifier::new(anchors.clone()).map_err(|e| fail("identity CA bundle", e))?,
+        IdentityVerifier::with_cache_capacity(anchors.clone(), args.identity_cache_entries)
+            .map_err(|e| fail("identity CA bundle", e))?,
     );
     let (api_key, generated) = api_key(&args)?;
     let tls = match (&args.tls_cert, &args.tls_key) {

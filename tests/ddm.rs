@@ -522,6 +522,20 @@ async fn a_status_report_with_errors_is_surfaced_and_diagnosed() {
         status, 200,
         "an unparseable report is kept raw, never refused"
     );
+    let (status, history) = api(
+        &server,
+        "GET",
+        &format!("/api/v1/devices/{UDID}/ddm/reports"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let reports = history["reports"].as_array().unwrap();
+    assert_eq!(reports.len(), 2, "the last two reports, oldest first");
+    assert_eq!(reports[0]["report"], report);
+    assert_eq!(reports[1]["report"], "{not json");
+    let (status, _) = api(&server, "GET", "/api/v1/devices/NOBODY/ddm/reports", None).await;
+    assert_eq!(status, 404);
 }
 
 #[actix_rt::test]

@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use orchard::store::embedded::EmbeddedStore;
 use orchard::store::{
-    CommandResult, DeclarationRecord, DeclarationSet, EnrollmentKind, EnrollmentRecord, Mutation,
-    PushCertRecord, PushInfo, QueueEntry, ResultStatus, Store, StoredCommand, WakeEntry,
+    CommandResult, DdmRecord, DeclarationRecord, DeclarationSet, DeviceRecords, EnrollmentKind,
+    EnrollmentRecord, Mutation, PushCertRecord, PushInfo, QueueEntry, ResultStatus, Store,
+    StoredCommand, StoredReport, WakeEntry,
 };
 
 /// A fresh, empty storage location that can be opened (and reopened) as a store.
@@ -84,6 +85,8 @@ macro_rules! conformance_suite {
                 declarations_and_sets_are_upserted_and_deleted_whole,
                 set_members_page_per_set,
                 ddm_state_is_kept_per_enrollment,
+                status_reports_keep_only_the_newest,
+                a_device_reads_as_one_snapshot,
                 a_batch_becomes_visible_as_a_whole,
                 an_empty_batch_is_accepted,
                 acknowledged_writes_survive_reopening,
@@ -474,21 +477,83 @@ mod cases {
             enrollment_id: id.into(),
             state: state.to_vec(),
         };
+        let timeline = |id: &str, timeline: &[u8]| Mutation::PutDdmTimeline {
+            enrollment_id: id.into(),
+            timeline: timeline.to_vec(),
+        };
         apply(&store, vec![put("d1", b"one"), put("d2", b"two")]).await;
-        apply(&store, vec![put("d1", b"uno")]).await;
+        apply(&store, vec![put("d1", b"uno"), timeline("d1", b"events")]).await;
+        let ddm = |state: &[u8], timeline: Option<&[u8]>| DdmRecord {
+            state: Some(state.to_vec()),
+            timeline: timeline.map(<[u8]>::to_vec),
+        };
         assert_eq!(
-            store.ddm_state("d1").await.unwrap().as_deref(),
-            Some(&b"uno"[..])
+            store.device("d1").await.unwrap().ddm,
+            ddm(b"uno", Some(b"events"))
         );
-        assert_eq!(
-            store.ddm_state("d2").await.unwrap().as_deref(),
-            Some(&b"two"[..])
-        );
-        assert_eq!(store.ddm_state("d3").await.unwrap(), None);
+        assert_eq!(store.device("d2").await.unwrap().ddm, ddm(b"two", None));
+        assert_eq!(store.device("d3").await.unwrap().ddm, DdmRecord::default());
         let page = store.ddm_states(None, 1).await.unwrap();
-        assert_eq!(page, [("d1".to_string(), b"uno".to_vec())]);
+        assert_eq!(page, [("d1".to_string(), ddm(b"uno", Some(b"events")))]);
         let rest = store.ddm_states(Some("d1"), 10).await.unwrap();
-        assert_eq!(rest, [("d2".to_string(), b"two".to_vec())]);
+        assert_eq!(rest, [("d2".to_string(), ddm(b"two", None))]);
+    }
+
+    pub async fn status_reports_keep_only_the_newest<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        let report = |id: &str, at: i64| Mutation::AppendDdmReport {
+            enrollment_id: id.into(),
+            report: StoredReport {
+                received_at: at,
+                json: format!("{{\"n\":{at}}}"),
+            },
+            keep: 2,
+        };
+        for at in 1..=4 {
+            apply(&store, vec![report("d1", at)]).await;
+        }
+        apply(&store, vec![report("d2", 9)]).await;
+        let kept: Vec<i64> = store
+            .ddm_reports("d1")
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.received_at)
+            .collect();
+        assert_eq!(kept, [3, 4], "the two newest, oldest first");
+        let other = store.ddm_reports("d2").await.unwrap();
+        assert_eq!(other.len(), 1);
+        assert_eq!(other[0].json, r#"{"n":9}"#);
+        assert!(store.ddm_reports("nobody").await.unwrap().is_empty());
+    }
+
+    pub async fn a_device_reads_as_one_snapshot<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        let mut first = queue_entry(1);
+        first.command_uuid = "cmd-a".into();
+        let mut orphan = queue_entry(2);
+        orphan.command_uuid = "cmd-missing".into();
+        apply(
+            &store,
+            vec![
+                Mutation::PutEnrollment(enrollment("d1")),
+                Mutation::PutCommand(command("cmd-a", b"<plist/>")),
+                put_entry("d1", first.clone()),
+                put_entry("d1", orphan.clone()),
+                put_entry("d2", queue_entry(7)),
+            ],
+        )
+        .await;
+        let records = store.device("d1").await.unwrap();
+        assert_eq!(records.enrollment, Some(enrollment("d1")));
+        assert_eq!(
+            records.queue,
+            [(first, Some(command("cmd-a", b"<plist/>"))), (orphan, None)]
+        );
+        assert_eq!(
+            store.device("nobody").await.unwrap(),
+            DeviceRecords::default()
+        );
     }
 
     pub async fn push_certificates_are_kept_per_topic<B: Backend>(backend: B) {

@@ -359,11 +359,7 @@ mod tests {
                 "configurations": ["com.apple.configuration.management.test"], "assets": [], "management": []}}}
         }}, "Errors": []});
         let raw = report.to_string();
-        state.ingest(
-            &StatusReport::parse(raw.as_bytes()).unwrap(),
-            raw.as_bytes(),
-            0,
-        );
+        state.ingest(&StatusReport::parse(raw.as_bytes()).unwrap(), 0);
         state
     }
 
@@ -446,11 +442,7 @@ mod tests {
         let report = json!({"StatusItems": {"management": {"declarations": {"activations": [], "assets": [], "management": [],
             "configurations": [{"identifier": "cfg", "server-token": "t", "active": false, "valid": "invalid",
                 "reasons": [{"code": "Error.ConfigurationCannotBeApplied"}]}]}}}, "Errors": []}).to_string();
-        state.ingest(
-            &StatusReport::parse(report.as_bytes()).unwrap(),
-            report.as_bytes(),
-            0,
-        );
+        state.ingest(&StatusReport::parse(report.as_bytes()).unwrap(), 0);
         let findings = diagnose(&state, &manifest, &healthy(), 10, 120);
         let invalid = findings.iter().find(|f| f.rule == "SD-T02").unwrap();
         assert!(invalid

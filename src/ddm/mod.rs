@@ -24,6 +24,28 @@ pub use status::{
 };
 pub use validate::check_references;
 
+use crate::store::StoredCommand;
+
+/// The `RequestType` of the command that starts a sync.
+pub const DECLARATIVE_MANAGEMENT: &str = "DeclarativeManagement";
+
+/// A DeclarativeManagement command under a fresh CommandUUID. `tokens` (the SyncTokens
+/// JSON) goes in its `Data` when the command is for one enrollment, so the device can skip
+/// its `tokens` request.
+pub fn sync_command(tokens: Option<Vec<u8>>) -> StoredCommand {
+    let mut command = plist::Dictionary::new();
+    command.insert("RequestType".into(), DECLARATIVE_MANAGEMENT.into());
+    if let Some(tokens) = tokens {
+        command.insert("Data".into(), plist::Value::Data(tokens));
+    }
+    let uuid = uuid::Uuid::new_v4().to_string().to_uppercase();
+    StoredCommand {
+        body: crate::protocol::command::build_command(&uuid, command),
+        command_uuid: uuid,
+        request_type: DECLARATIVE_MANAGEMENT.into(),
+    }
+}
+
 /// Why a DDM input was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum DdmError {

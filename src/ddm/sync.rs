@@ -1,34 +1,32 @@
 //! Per-enrollment DDM state, owned by the enrollment's actor: the assigned sets, the
-//! merged status, a short history of raw reports, and a bounded timeline of the sync
-//! exchanges that the sync doctor reads.
+//! merged status, and a bounded timeline of the sync exchanges that the sync doctor
+//! reads. Raw reports are not part of it: they go straight to the store's report history,
+//! so a resident actor does not carry kilobytes of JSON it never reads.
 
 use std::collections::{BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
 use super::{Category, EnrollmentStatus, StatusReport};
+use crate::store::DdmRecord;
 
 /// Sync events kept per enrollment (the last few syncs). Resident actors hold their
 /// state in memory, so these bounds are per-device memory.
 pub const TIMELINE_LENGTH: usize = 32;
-/// Raw status reports kept per enrollment.
+/// Raw status reports kept per enrollment (in the store, not in memory).
 pub const REPORTS_KEPT: usize = 2;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct DdmState {
     pub sets: BTreeSet<String>,
     pub status: EnrollmentStatus,
-    pub timeline: VecDeque<SyncEvent>,
-    pub reports: VecDeque<RawReport>,
     /// The DeclarationsToken of the manifest last shown to the device: bodies are served
     /// from that manifest.
     pub last_token_served: Option<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RawReport {
-    pub received_at: i64,
-    pub json: String,
+    /// Stored in its own row ([`DdmState::encode_timeline`]): it changes on every DDM
+    /// request, the rest only on assignments and reports.
+    #[serde(skip)]
+    pub timeline: VecDeque<SyncEvent>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -87,10 +85,9 @@ impl DdmState {
         self.timeline.push_back(SyncEvent { at, kind });
     }
 
-    /// Merge a parsed report and keep the raw one.
-    pub fn ingest(&mut self, report: &StatusReport, raw: &[u8], at: i64) {
+    /// Merge a parsed report (the caller keeps the raw one in the store's history).
+    pub fn ingest(&mut self, report: &StatusReport, at: i64) {
         self.status.apply(report, at);
-        self.keep_raw(raw, at);
         self.record(
             at,
             SyncEventKind::Status {
@@ -101,16 +98,6 @@ impl DdmState {
         );
     }
 
-    pub fn keep_raw(&mut self, raw: &[u8], at: i64) {
-        if self.reports.len() == REPORTS_KEPT {
-            self.reports.pop_front();
-        }
-        self.reports.push_back(RawReport {
-            received_at: at,
-            json: String::from_utf8_lossy(raw).into_owned(),
-        });
-    }
-
     /// Re-enrollment wiped the device: forget what it reported, keep the assignments.
     pub fn reset(&mut self, at: i64) {
         self.status = EnrollmentStatus::default();
@@ -118,12 +105,25 @@ impl DdmState {
         self.record(at, SyncEventKind::Reset);
     }
 
+    /// The state row: everything but the timeline.
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<DdmState, serde_json::Error> {
-        serde_json::from_slice(bytes)
+    pub fn encode_timeline(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.timeline).unwrap_or_default()
+    }
+
+    /// Rebuild the state from its stored rows (either may be absent).
+    pub fn decode(record: &DdmRecord) -> Result<DdmState, serde_json::Error> {
+        let mut state: DdmState = match &record.state {
+            Some(bytes) => serde_json::from_slice(bytes)?,
+            None => DdmState::default(),
+        };
+        if let Some(bytes) = &record.timeline {
+            state.timeline = serde_json::from_slice(bytes)?;
+        }
+        Ok(state)
     }
 }
 
@@ -180,8 +180,23 @@ mod tests {
         let mut state = DdmState::default();
         state.sets.insert("default".into());
         state.record(5, SyncEventKind::Reset);
-        let decoded = DdmState::decode(&state.encode()).unwrap();
+        let record = DdmRecord {
+            state: Some(state.encode()),
+            timeline: Some(state.encode_timeline()),
+        };
+        let decoded = DdmState::decode(&record).unwrap();
         assert_eq!(decoded.sets, state.sets);
         assert_eq!(decoded.timeline, state.timeline);
+    }
+
+    #[test]
+    fn the_state_row_leaves_the_timeline_to_its_own_row() {
+        let mut state = DdmState::default();
+        state.record(5, SyncEventKind::Reset);
+        let record = DdmRecord {
+            state: Some(state.encode()),
+            timeline: None,
+        };
+        assert!(DdmState::decode(&record).unwrap().timeline.is_empty());
     }
 }

@@ -259,7 +259,7 @@ impl DeviceActor {
         loaded.queue.clear();
         loaded.ddm.reset(now);
         loaded.record = Some(record);
-        batch.push(self.ddm_mutation());
+        batch.extend(self.ddm_mutations());
         tracing::info!(enrollment_id = %self.id, "device authenticated; new enrollment generation");
         self.commit_future(batch, CheckinReply::Accepted)
     }
@@ -300,7 +300,7 @@ impl DeviceActor {
         let has_declarations = !loaded.ddm.sets.is_empty();
         if enrolled_just_now && has_declarations {
             // A (re-)enrolled device has no DDM state: start a sync right away.
-            if let Err(e) = self.queue_sync_command(true, &mut batch) {
+            if let Err(e) = self.queue_sync_command(&SyncCommand::WithTokens, &mut batch) {
                 return Self::immediate(Err(e));
             }
         }
@@ -590,26 +590,29 @@ impl DeviceActor {
         let registry = Arc::clone(&self.registry);
         let id = self.id.clone();
         let load = async move {
-            let record = store.enrollment(&id).await?;
-            let ddm = match store.ddm_state(&id).await? {
-                Some(bytes) => DdmState::decode(&bytes).map_err(|e| {
-                    crate::store::StoreError::Corrupt(format!("DDM state of {id}: {e}"))
-                })?,
-                None => DdmState::default(),
-            };
-            let mut pending = Vec::new();
-            for entry in store.queue(&id).await? {
-                match store.command(&entry.command_uuid).await? {
-                    Some(body) => pending.push(Pending {
+            let records = store.device(&id).await?;
+            let ddm = DdmState::decode(&records.ddm).map_err(|e| {
+                crate::store::StoreError::Corrupt(format!("DDM state of {id}: {e}"))
+            })?;
+            let pending = records
+                .queue
+                .into_iter()
+                .filter_map(|(entry, body)| match body {
+                    Some(body) => Some(Pending {
                         command: registry.intern_body(body),
                         entry,
                     }),
                     None => {
-                        tracing::error!(enrollment_id = %id, command_uuid = %entry.command_uuid, "queued command has no body; skipped")
+                        tracing::error!(enrollment_id = %id, command_uuid = %entry.command_uuid, "queued command has no body; skipped");
+                        None
                     }
-                }
-            }
-            Ok::<_, crate::store::StoreError>((record, CommandQueue::from_pending(pending), ddm))
+                })
+                .collect();
+            Ok::<_, crate::store::StoreError>((
+                records.enrollment,
+                CommandQueue::from_pending(pending),
+                ddm,
+            ))
         };
         ctx.wait(load.into_actor(self).map(|loaded, act, ctx| match loaded {
             Ok((record, queue, ddm)) => {
@@ -658,7 +661,7 @@ impl DeviceActor {
             }
         }
         if ddm_dirty {
-            batch.push(self.ddm_mutation());
+            batch.extend(self.ddm_mutations());
         }
         if batch.is_empty() {
             ctx.stop();

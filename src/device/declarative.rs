@@ -9,16 +9,15 @@ use actix::prelude::*;
 
 use super::actor::{DeviceActor, Reply};
 use super::messages::{
-    AssignSet, CheckinReply, DdmView, GetDdmView, PushDecision, SyncDeclarations,
+    AssignSet, Assigned, CheckinReply, DdmView, GetDdmView, PushDecision, SyncCommand,
+    SyncDeclarations,
 };
 use super::queue::Pending;
 use super::{now_millis, now_secs, DeviceError};
 use crate::ddm::doctor::EnrollmentFacts;
-use crate::ddm::sync::{parse_declaration_endpoint, served_items, SyncEventKind};
-use crate::ddm::StatusReport;
-use crate::store::{Mutation, QueueEntry, StoredCommand};
-
-const DECLARATIVE_MANAGEMENT: &str = "DeclarativeManagement";
+use crate::ddm::sync::{parse_declaration_endpoint, served_items, SyncEventKind, REPORTS_KEPT};
+use crate::ddm::{sync_command, StatusReport, DECLARATIVE_MANAGEMENT};
+use crate::store::{Mutation, QueueEntry, StoredReport};
 
 impl DeviceActor {
     /// Answer a DeclarativeManagement check-in (protocol.md §5.2).
@@ -93,9 +92,10 @@ impl DeviceActor {
         Self::immediate(reply)
     }
 
-    /// Status reports are acknowledged data: merged and written before the 200. A report
-    /// that cannot be parsed is kept raw (and answered 200, so the device does not retry
-    /// forever) and shows up in the timeline and the diagnosis.
+    /// Status reports are acknowledged data: merged, and kept raw in the report history,
+    /// durably before the 200. A report that cannot be parsed is kept raw too (and
+    /// answered 200, so the device does not retry forever) and shows up in the timeline
+    /// and the diagnosis.
     fn ingest_status(&mut self, raw: Vec<u8>, now: i64) -> Reply<CheckinReply> {
         let id = self.id.clone();
         let loaded = match self.loaded() {
@@ -106,13 +106,12 @@ impl DeviceActor {
             Ok(report) => {
                 metrics::counter!("orchard_ddm_status_reports_total", "outcome" => "parsed")
                     .increment(1);
-                loaded.ddm.ingest(&report, &raw, now);
+                loaded.ddm.ingest(&report, now);
             }
             Err(e) => {
                 metrics::counter!("orchard_ddm_status_reports_total", "outcome" => "unparseable")
                     .increment(1);
                 tracing::warn!(enrollment_id = %id, error = %e, "unparseable DDM status report stored raw");
-                loaded.ddm.keep_raw(&raw, now);
                 loaded.ddm.record(
                     now,
                     SyncEventKind::StatusUnparseable {
@@ -121,38 +120,59 @@ impl DeviceActor {
                 );
             }
         }
-        let batch = vec![self.ddm_mutation()];
+        let mut batch = self.ddm_mutations();
+        batch.push(Mutation::AppendDdmReport {
+            enrollment_id: id,
+            report: StoredReport {
+                received_at: now,
+                json: String::from_utf8_lossy(&raw).into_owned(),
+            },
+            keep: REPORTS_KEPT,
+        });
         self.commit(batch, CheckinReply::Accepted)
     }
 
-    /// The whole DDM state as a write (clears the dirty mark).
-    pub(super) fn ddm_mutation(&mut self) -> Mutation {
+    /// The DDM state row alone: what an assignment changes.
+    fn ddm_state_mutation(&mut self) -> Result<Mutation, DeviceError> {
         let id = self.id.clone();
-        match self.loaded() {
-            Ok(loaded) => {
-                loaded.ddm_dirty = false;
-                Mutation::PutDdmState {
-                    enrollment_id: id,
-                    state: loaded.ddm.encode(),
-                }
-            }
-            Err(_) => Mutation::PutDdmState {
-                enrollment_id: id,
-                state: Vec::new(),
+        let loaded = self.loaded()?;
+        Ok(Mutation::PutDdmState {
+            enrollment_id: id,
+            state: loaded.ddm.encode(),
+        })
+    }
+
+    /// The state and the timeline rows (clears the dirty mark).
+    pub(super) fn ddm_mutations(&mut self) -> Vec<Mutation> {
+        let id = self.id.clone();
+        let Ok(loaded) = self.loaded() else {
+            return Vec::new();
+        };
+        loaded.ddm_dirty = false;
+        vec![
+            Mutation::PutDdmState {
+                enrollment_id: id.clone(),
+                state: loaded.ddm.encode(),
             },
-        }
+            Mutation::PutDdmTimeline {
+                enrollment_id: id,
+                timeline: loaded.ddm.encode_timeline(),
+            },
+        ]
     }
 
     /// Queue a DeclarativeManagement command, replacing one still pending so the device
     /// never acts on stale tokens and a channel has at most one sync command queued.
+    ///
+    /// The `CommandQueued` timeline event is not a write of its own: the queue entry is
+    /// the durable record, and the event is persisted with the next timeline write.
     pub(super) fn queue_sync_command(
         &mut self,
-        with_tokens: bool,
+        sync: &SyncCommand,
         batch: &mut Vec<Mutation>,
     ) -> Result<(), DeviceError> {
         let id = self.id.clone();
         let registry = Arc::clone(&self.registry);
-        let catalog = Arc::clone(registry.catalog());
         let now = now_secs();
         let loaded = self.loaded()?;
         let stale: Vec<String> = loaded
@@ -170,24 +190,21 @@ impl DeviceActor {
                 metrics::gauge!("orchard_queue_depth").decrement(1.0);
             }
         }
-        let mut command = plist::Dictionary::new();
-        command.insert("RequestType".into(), DECLARATIVE_MANAGEMENT.into());
-        if with_tokens {
-            let snapshot = catalog.manifest(&loaded.ddm.sets);
-            let tokens = snapshot
-                .manifest
-                .tokens_json(time::OffsetDateTime::now_utc());
-            command.insert("Data".into(), plist::Value::Data(tokens));
-        }
-        let uuid = uuid::Uuid::new_v4().to_string().to_uppercase();
-        let stored = StoredCommand {
-            body: crate::protocol::command::build_command(&uuid, command),
-            command_uuid: uuid.clone(),
-            request_type: DECLARATIVE_MANAGEMENT.into(),
+        let command = match sync {
+            SyncCommand::Shared(shared) => Arc::clone(shared),
+            SyncCommand::WithTokens => {
+                let snapshot = registry.catalog().manifest(&loaded.ddm.sets);
+                let tokens = snapshot
+                    .manifest
+                    .tokens_json(time::OffsetDateTime::now_utc());
+                let own = sync_command(Some(tokens));
+                batch.push(Mutation::PutCommand(own.clone()));
+                registry.intern_body(own)
+            }
         };
         let entry = QueueEntry {
             seq: loaded.queue.next_seq(now_millis() * 1000),
-            command_uuid: uuid.clone(),
+            command_uuid: command.command_uuid.clone(),
             request_type: DECLARATIVE_MANAGEMENT.into(),
             priority: 0,
             enqueued_at: now,
@@ -196,26 +213,24 @@ impl DeviceActor {
             unparseable_results: 0,
             parked: false,
         };
-        loaded.queue.push(Pending {
-            entry: entry.clone(),
-            command: registry.intern_body(stored.clone()),
-        });
-        metrics::gauge!("orchard_queue_depth").increment(1.0);
         loaded.ddm.record(
             now,
             SyncEventKind::CommandQueued {
-                command_uuid: uuid,
-                with_data: with_tokens,
+                command_uuid: command.command_uuid.clone(),
+                with_data: *sync == SyncCommand::WithTokens,
             },
         );
-        batch.push(Mutation::PutCommand(stored));
+        loaded.queue.push(Pending {
+            entry: entry.clone(),
+            command,
+        });
+        metrics::gauge!("orchard_queue_depth").increment(1.0);
         batch.push(Mutation::PutQueueEntry {
             enrollment_id: id,
             entry,
         });
         let due = self.first_wake_due();
         self.schedule_wake(batch, due, 0);
-        batch.push(self.ddm_mutation());
         Ok(())
     }
 }
@@ -231,7 +246,7 @@ fn endpoint_label(endpoint: &str) -> &'static str {
 }
 
 impl Handler<AssignSet> for DeviceActor {
-    type Result = Reply<bool>;
+    type Result = Reply<Assigned>;
 
     fn handle(&mut self, msg: AssignSet, _: &mut Context<Self>) -> Self::Result {
         self.touch();
@@ -249,7 +264,10 @@ impl Handler<AssignSet> for DeviceActor {
             loaded.ddm.sets.remove(&msg.set)
         };
         if !changed {
-            return Self::immediate(Ok(false));
+            return Self::immediate(Ok(Assigned {
+                changed: false,
+                push: None,
+            }));
         }
         let membership = if msg.assign {
             Mutation::PutSetMember {
@@ -262,8 +280,26 @@ impl Handler<AssignSet> for DeviceActor {
                 enrollment_id: id,
             }
         };
-        let batch = vec![membership, self.ddm_mutation()];
-        self.commit(batch, true)
+        let mut batch = vec![membership];
+        let queued = match &msg.then_sync {
+            Some(sync) => self.queue_sync_command(sync, &mut batch).map(Some),
+            None => Ok(None),
+        };
+        let state = queued.and_then(|queued| Ok((queued, self.ddm_state_mutation()?)));
+        let push = match state {
+            Ok((queued, state)) => {
+                batch.push(state);
+                queued.map(|()| self.push_decision())
+            }
+            Err(e) => return Self::immediate(Err(e)),
+        };
+        self.commit(
+            batch,
+            Assigned {
+                changed: true,
+                push,
+            },
+        )
     }
 }
 
@@ -275,7 +311,7 @@ impl Handler<SyncDeclarations> for DeviceActor {
             return Self::immediate(Err(e));
         }
         let mut batch = Vec::new();
-        if let Err(e) = self.queue_sync_command(msg.with_tokens, &mut batch) {
+        if let Err(e) = self.queue_sync_command(&msg.command, &mut batch) {
             return Self::immediate(Err(e));
         }
         let decision = self.push_decision();

@@ -127,20 +127,40 @@ pub struct WakeDue {
     pub attempt: u32,
 }
 
-/// Assign (or unassign) a declaration set to this enrollment; answers whether it changed.
+/// Assign (or unassign) a declaration set to this enrollment. When the assignment changed
+/// and `then_sync` is given, the sync command is queued in the same durable write, so a
+/// bulk assignment costs each enrollment one activation and one write.
 #[derive(Clone, Debug, Message)]
-#[rtype(result = "Result<bool, DeviceError>")]
+#[rtype(result = "Result<Assigned, DeviceError>")]
 pub struct AssignSet {
     pub set: String,
     pub assign: bool,
+    pub then_sync: Option<SyncCommand>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assigned {
+    pub changed: bool,
+    /// Whether to wake the device for the queued sync (`None`: no sync was queued).
+    pub push: Option<PushDecision>,
 }
 
 /// Queue a DeclarativeManagement command so the device syncs (replacing one still
-/// pending); `with_tokens` puts the current SyncTokens in its `Data`.
+/// pending).
 #[derive(Clone, Debug, Message)]
 #[rtype(result = "Result<PushDecision, DeviceError>")]
 pub struct SyncDeclarations {
-    pub with_tokens: bool,
+    pub command: SyncCommand,
+}
+
+/// Which DeclarativeManagement command starts the sync.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SyncCommand {
+    /// A command of the enrollment's own, carrying its current SyncTokens in `Data`.
+    WithTokens,
+    /// One body, already stored, shared by every enrollment of a fleet-wide change: the
+    /// change costs one command row, not one per device.
+    Shared(Arc<StoredCommand>),
 }
 
 /// The enrollment's DDM state and the facts the sync doctor needs.

@@ -107,6 +107,9 @@ impl From<StoreError> for DeviceError {
     }
 }
 
+/// Where an eviction sweep leaves the resident count, as a share of the bound.
+const EVICT_TO_PERCENT: usize = 90;
+
 struct Slot {
     addr: Addr<DeviceActor>,
     incarnation: u64,
@@ -198,12 +201,15 @@ impl Registry {
         self.slots.get(id).map(|slot| slot.addr.clone())
     }
 
-    /// Ask the least recently active actors to leave when more are resident than allowed.
+    /// Ask the least recently active actors to leave when more are resident than allowed,
+    /// down to [`EVICT_TO_PERCENT`] of the bound: the sweep scans every resident slot, so
+    /// it should run once per burst of activations, not on every tick of one.
     pub fn evict_excess(&self) {
-        let excess = self.slots.len().saturating_sub(self.settings.max_resident);
-        if excess == 0 {
+        let resident = self.slots.len();
+        if resident <= self.settings.max_resident {
             return;
         }
+        let excess = resident - self.settings.max_resident * EVICT_TO_PERCENT / 100;
         let mut by_age: Vec<(u64, Addr<DeviceActor>)> = self
             .slots
             .iter()

@@ -19,7 +19,7 @@ use crate::ddm::catalog::{CatalogError, Change};
 use crate::ddm::doctor::{diagnose, EnrollmentFacts, Finding};
 use crate::ddm::sync::DdmState;
 use crate::ddm::{Issue, Validity};
-use crate::device::messages::{AssignSet, DdmView, GetDdmView};
+use crate::device::messages::{DdmView, GetDdmView};
 use crate::device::DeviceError;
 
 /// DDM states read per page by the fleet views.
@@ -62,7 +62,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .service(resource("/assignments").post(bulk_assign))
     .service(resource("/fleet/declarations").get(fleet_declarations))
     .service(resource("/diagnosis").get(fleet_diagnosis))
-    .service(web::resource("/devices/{id}/ddm/diagnosis").get(device_diagnosis));
+    .service(web::resource("/devices/{id}/ddm/diagnosis").get(device_diagnosis))
+    .service(web::resource("/devices/{id}/ddm/reports").get(device_reports));
 }
 
 #[derive(Deserialize)]
@@ -121,7 +122,9 @@ async fn changed_response(state: &AppState, change: Change, notify: bool) -> Htt
         actix_web::rt::spawn(async move {
             match commands::set_members(&*store, &change.affected_sets).await {
                 Ok(members) => {
-                    commands::sync_declarations(&registry, &*push, &members).await;
+                    if let Err(e) = commands::sync_declarations(&registry, &*push, &members).await {
+                        tracing::error!(error = %e, "could not queue the DDM sync");
+                    }
                 }
                 Err(e) => tracing::error!(error = %e, "could not list the enrollments to sync"),
             }
@@ -285,22 +288,24 @@ async fn change_assignment(
     query: &SetQuery,
     assign: bool,
 ) -> Result<HttpResponse, Rejection> {
-    let msg = AssignSet {
-        set: query.set.clone(),
+    let ids = [enrollment.to_string()];
+    let sync = query.nonotify.is_none();
+    let mut outcome = commands::assign_set(
+        &state.registry,
+        &*state.push,
+        &ids,
+        &query.set,
         assign,
-    };
-    let changed = state
-        .registry
-        .call(enrollment, msg)
-        .await
-        .map_err(device_error)?;
-    if !changed {
-        return Ok(HttpResponse::NotModified().finish());
+        sync,
+    )
+    .await
+    .map_err(Rejection::store_failure)?;
+    match outcome.pop().map(|(_, changed)| changed) {
+        Some(Ok(true)) => Ok(HttpResponse::NoContent().finish()),
+        Some(Ok(false)) => Ok(HttpResponse::NotModified().finish()),
+        Some(Err(e)) => Err(device_error(e)),
+        None => Err(device_error(DeviceError::Unavailable)),
     }
-    if query.nonotify.is_none() {
-        commands::sync_declarations(&state.registry, &*state.push, &[enrollment.to_string()]).await;
-    }
-    Ok(HttpResponse::NoContent().finish())
 }
 
 async fn assign_set(
@@ -433,7 +438,9 @@ async fn notify(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
         ));
     }
     let ids: Vec<String> = ids.into_iter().collect();
-    commands::sync_declarations(&state.registry, &*state.push, &ids).await;
+    commands::sync_declarations(&state.registry, &*state.push, &ids)
+        .await
+        .map_err(Rejection::store_failure)?;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -515,35 +522,27 @@ async fn bulk_assign(
     request: web::Json<BulkAssignment>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Rejection> {
-    use futures_util::{stream, StreamExt};
-    let results: Vec<(String, Result<bool, DeviceError>)> =
-        stream::iter(request.enrollments.iter())
-            .map(|id| {
-                let msg = AssignSet {
-                    set: request.set.clone(),
-                    assign: !request.unassign,
-                };
-                let registry = Arc::clone(&state.registry);
-                async move { (id.clone(), registry.call(id, msg).await) }
-            })
-            .buffered(512)
-            .collect()
-            .await;
-    let changed: Vec<String> = results
+    let results = commands::assign_set(
+        &state.registry,
+        &*state.push,
+        &request.enrollments,
+        &request.set,
+        !request.unassign,
+        !request.no_sync,
+    )
+    .await
+    .map_err(Rejection::store_failure)?;
+    let changed = results
         .iter()
         .filter(|(_, r)| matches!(r, Ok(true)))
-        .map(|(id, _)| id.clone())
-        .collect();
+        .count();
     let failed: BTreeMap<&String, String> = results
         .iter()
         .filter_map(|(id, r)| r.as_ref().err().map(|e| (id, e.to_string())))
         .collect();
-    if !request.no_sync && !changed.is_empty() {
-        commands::sync_declarations(&state.registry, &*state.push, &changed).await;
-    }
     Ok(HttpResponse::Ok().json(json!({
-        "changed": changed.len(),
-        "unchanged": results.len() - changed.len() - failed.len(),
+        "changed": changed,
+        "unchanged": results.len() - changed - failed.len(),
         "failed": failed,
     })))
 }
@@ -562,8 +561,8 @@ async fn each_ddm_state(
             .map_err(Rejection::store_failure)?;
         let full = page.len() == FLEET_PAGE;
         after = page.last().map(|(id, _)| id.clone());
-        for (id, bytes) in page {
-            if let Ok(ddm) = DdmState::decode(&bytes) {
+        for (id, record) in page {
+            if let Ok(ddm) = DdmState::decode(&record) {
                 visit(&id, ddm);
             }
         }
@@ -632,6 +631,39 @@ async fn device_diagnosis(
         "enrollment_id": id.as_str(),
         "findings": findings,
         "timeline": view.state.timeline,
+    })))
+}
+
+/// `GET /api/v1/devices/{id}/ddm/reports`: the last status reports exactly as the device
+/// sent them (an unparseable one as a string), oldest first.
+async fn device_reports(
+    id: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    let known = state
+        .store
+        .enrollment(&id)
+        .await
+        .map_err(Rejection::store_failure)?;
+    if known.is_none() {
+        return Err(device_error(DeviceError::UnknownEnrollment(id.to_string())));
+    }
+    let reports = state
+        .store
+        .ddm_reports(&id)
+        .await
+        .map_err(Rejection::store_failure)?;
+    let reports: Vec<Value> = reports
+        .into_iter()
+        .map(|report| {
+            let body =
+                serde_json::from_str::<Value>(&report.json).unwrap_or(Value::String(report.json));
+            json!({ "received_at": rfc3339(report.received_at), "report": body })
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({
+        "enrollment_id": id.as_str(),
+        "reports": reports,
     })))
 }
 

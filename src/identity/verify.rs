@@ -14,8 +14,9 @@ use super::header::parse_client_cert_header;
 use super::x509::{not_after_unix, parse_certificate};
 use super::{CertFingerprint, IdentityError};
 
-/// Entries per cache. An entry is under 100 bytes, so the default costs a few MB.
-pub const DEFAULT_CACHE_CAPACITY: usize = 100_000;
+/// Entries per cache. An entry is about 100 bytes, so a full default cache costs ~100 MB;
+/// only the cache of the identity mode in use fills.
+pub const DEFAULT_CACHE_CAPACITY: usize = 1_000_000;
 
 /// SHA-256 of a certificate's DER encoding.
 pub fn fingerprint(der: &[u8]) -> CertFingerprint {
@@ -93,7 +94,11 @@ impl IdentityVerifier {
             return Ok(verdict.fingerprint);
         }
         let cert = parse_client_cert_header(header_value)?;
-        let verdict = self.verdict(&cert, &[], now)?;
+        // Not through the certificate cache: that would keep every identity twice.
+        let verdict = Verdict {
+            fingerprint: fingerprint(&cert),
+            expires_at: self.verify_chain(&cert, &[], now)?,
+        };
         self.by_header.insert(key, verdict);
         Ok(verdict.fingerprint)
     }
@@ -362,7 +367,11 @@ mod tests {
             assert_eq!(verifier.verify_header(&header).unwrap(), expected);
         }
         assert_eq!(verifier.by_header.len(), 2);
-        assert_eq!(verifier.by_certificate.len(), 1);
+        assert_eq!(
+            verifier.by_certificate.len(),
+            0,
+            "a header identity is remembered once, by header value"
+        );
     }
 
     #[test]

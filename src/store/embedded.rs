@@ -16,6 +16,9 @@
 //! A group is atomic as a whole: if its transaction fails, every batch in it fails and
 //! none of it becomes visible.
 //!
+//! Reads are served the same way by one reader thread per core: each takes every read
+//! waiting and answers them from one snapshot (see `start_readers`).
+//!
 //! Values are postcard-encoded; a value that does not decode is reported as
 //! [`StoreError::Corrupt`].
 
@@ -35,8 +38,9 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
 use super::{
-    CertFingerprint, CommandResult, DeclarationRecord, DeclarationSet, EnrollmentRecord, Mutation,
-    PushCertRecord, QueueEntry, Store, StoreError, StoreResult, StoredCommand, WakeEntry,
+    CertFingerprint, CommandResult, DdmRecord, DeclarationRecord, DeclarationSet, DeviceRecords,
+    EnrollmentRecord, Mutation, PushCertRecord, QueueEntry, Store, StoreError, StoreResult,
+    StoredCommand, StoredReport, WakeEntry,
 };
 
 /// Page cache unless configured (redb's own default is 1 GiB).
@@ -51,6 +55,11 @@ const MAX_GROUP_BATCHES: usize = 1024;
 const MAX_GROUP_BYTES: usize = 32 * 1024 * 1024;
 /// Batches that may wait for the writer before `apply` callers are made to wait to enqueue.
 const WRITE_QUEUE_CAPACITY: usize = 4096;
+
+/// Reads served from one snapshot by one wake-up of a reader thread.
+const MAX_READ_BATCH: usize = 256;
+/// Reads waiting for a reader thread before `read` callers wait to queue.
+const READ_QUEUE_CAPACITY: usize = 8192;
 
 /// enrollment id -> [`EnrollmentRecord`].
 const ENROLLMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("enrollments");
@@ -76,15 +85,26 @@ const SETS: TableDefinition<&str, &[u8]> = TableDefinition::new("sets");
 /// (set, enrollment id) -> (): who is assigned each set.
 const SET_MEMBERS: TableDefinition<(&str, &str), ()> = TableDefinition::new("set_members");
 const DDM_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("ddm_state");
+const DDM_TIMELINE: TableDefinition<&str, &[u8]> = TableDefinition::new("ddm_timeline");
+/// (enrollment id, report number) -> postcard [`StoredReport`].
+const DDM_REPORTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("ddm_reports");
 
 /// The embedded, single-node [`Store`].
 pub struct EmbeddedStore {
+    /// Raw access for tests that plant damaged rows; the threads hold their own handles.
+    #[cfg(test)]
     db: Arc<Database>,
     /// Taken on drop so that the writer sees the channel close, drains, and exits.
     requests: Option<mpsc::Sender<WriteRequest>>,
     writer: Option<JoinHandle<()>>,
     commits: Arc<AtomicU64>,
+    /// Taken on drop so that the readers see the channel close and exit.
+    read_jobs: Option<mpsc::Sender<ReadJob>>,
+    readers: Vec<JoinHandle<()>>,
 }
+
+/// One read, run by a reader thread against a snapshot (or told why there is none).
+type ReadJob = Box<dyn FnOnce(StoreResult<&ReadTransaction>) + Send>;
 
 impl EmbeddedStore {
     /// Open (or create) `dir/orchard.redb` with the default page cache.
@@ -118,11 +138,15 @@ impl EmbeddedStore {
             .spawn(move || writer.run())
             .map_err(|err| StoreError::Backend(format!("cannot start writer thread: {err}")))?;
 
+        let (read_jobs, readers) = start_readers(&db)?;
         Ok(Arc::new(EmbeddedStore {
+            #[cfg(test)]
             db,
             requests: Some(sender),
             writer: Some(writer),
             commits,
+            read_jobs: Some(read_jobs),
+            readers,
         }))
     }
 
@@ -154,20 +178,22 @@ impl EmbeddedStore {
         outcome.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Run `query` in a read snapshot on the blocking pool, recording its latency.
+    /// Run `query` in a read snapshot on a reader thread, recording its latency.
     async fn read<T, Q>(&self, op: &'static str, query: Q) -> StoreResult<T>
     where
         T: Send + 'static,
         Q: FnOnce(&ReadTransaction) -> StoreResult<T> + Send + 'static,
     {
         let started = Instant::now();
-        let db = Arc::clone(&self.db);
-        let outcome = tokio::task::spawn_blocking(move || {
-            let snapshot = db.begin_read().map_err(backend_error)?;
-            query(&snapshot)
-        })
-        .await
-        .unwrap_or_else(|err| Err(StoreError::Backend(format!("read task failed: {err}"))));
+        let (reply, answer) = oneshot::channel();
+        let job: ReadJob = Box::new(move |snapshot| {
+            let _ = reply.send(snapshot.and_then(query));
+        });
+        let jobs = self.read_jobs.as_ref().ok_or(StoreError::Closed)?;
+        let outcome = match jobs.send(job).await {
+            Ok(()) => answer.await.unwrap_or(Err(StoreError::Closed)),
+            Err(_) => Err(StoreError::Closed),
+        };
         histogram!("orchard_store_read_seconds", "op" => op)
             .record(started.elapsed().as_secs_f64());
         if let Err(err) = &outcome {
@@ -178,14 +204,75 @@ impl EmbeddedStore {
     }
 }
 
+/// Start one reader thread per core. Reads are group-served like writes are group-
+/// committed: a reader takes every waiting read (up to [`MAX_READ_BATCH`]) and answers
+/// them from one snapshot. A read is microseconds of CPU on a cached page, so the cost
+/// that matters is the thread hand-off; a thread per read (hundreds during a fleet-wide
+/// change) makes the threads fight over the cores and every read wait for its turn.
+///
+/// The snapshot is opened after the batch is taken, so a read sees every write that was
+/// acknowledged before the read was asked for.
+fn start_readers(db: &Arc<Database>) -> StoreResult<(mpsc::Sender<ReadJob>, Vec<JoinHandle<()>>)> {
+    let (sender, receiver) = mpsc::channel::<ReadJob>(READ_QUEUE_CAPACITY);
+    let receiver = Arc::new(std::sync::Mutex::new(receiver));
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let readers = (0..cores)
+        .map(|n| {
+            let db = Arc::clone(db);
+            let receiver = Arc::clone(&receiver);
+            std::thread::Builder::new()
+                .name(format!("orchard-store-reader-{n}"))
+                .spawn(move || serve_reads(&db, &receiver))
+                .map_err(|err| StoreError::Backend(format!("cannot start reader thread: {err}")))
+        })
+        .collect::<StoreResult<_>>()?;
+    Ok((sender, readers))
+}
+
+fn serve_reads(db: &Database, receiver: &std::sync::Mutex<mpsc::Receiver<ReadJob>>) {
+    while let Some(batch) = next_read_batch(receiver) {
+        histogram!("orchard_store_read_batch_size").record(batch.len() as f64);
+        let snapshot = db.begin_read().map_err(backend_error);
+        for job in batch {
+            // A query that panics loses only its own answer (its caller sees Closed).
+            let run = std::panic::AssertUnwindSafe(|| job(snapshot.as_ref().map_err(Clone::clone)));
+            if std::panic::catch_unwind(run).is_err() {
+                error!("a store read panicked");
+            }
+        }
+    }
+}
+
+/// The next waiting reads, or `None` once the store is closed and drained.
+fn next_read_batch(receiver: &std::sync::Mutex<mpsc::Receiver<ReadJob>>) -> Option<Vec<ReadJob>> {
+    let mut receiver = receiver
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut batch = vec![receiver.blocking_recv()?];
+    while batch.len() < MAX_READ_BATCH {
+        match receiver.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
 impl Drop for EmbeddedStore {
-    /// Closing the channel lets the writer commit what is still queued and exit; joining
-    /// it releases the database file before the drop returns, so it can be reopened.
+    /// Closing the channels lets the writer commit what is still queued and the readers
+    /// answer theirs, and exit; joining them releases the database file before the drop
+    /// returns, so it can be reopened.
     fn drop(&mut self) {
         drop(self.requests.take());
+        drop(self.read_jobs.take());
         if let Some(writer) = self.writer.take() {
             if writer.join().is_err() {
                 error!("store writer thread panicked");
+            }
+        }
+        for reader in self.readers.drain(..) {
+            if reader.join().is_err() {
+                error!("store reader thread panicked");
             }
         }
     }
@@ -261,17 +348,7 @@ impl Store for EmbeddedStore {
     async fn queue(&self, enrollment_id: &str) -> StoreResult<Vec<QueueEntry>> {
         let enrollment_id = enrollment_id.to_owned();
         self.read("queue", move |snapshot| {
-            let table = snapshot.open_table(QUEUE).map_err(backend_error)?;
-            let id = enrollment_id.as_str();
-            let rows = table
-                .range((id, 0u64)..=(id, u64::MAX))
-                .map_err(backend_error)?;
-            rows.map(|row| {
-                let (key, value) = row.map_err(backend_error)?;
-                let (_, seq) = key.value();
-                decode("queue entry", &format!("{id}/{seq}"), value.value())
-            })
-            .collect()
+            read_queue(snapshot, &enrollment_id)
         })
         .await
     }
@@ -399,12 +476,32 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn ddm_state(&self, enrollment_id: &str) -> StoreResult<Option<Vec<u8>>> {
-        let id = enrollment_id.to_owned();
-        self.read("ddm_state", move |snapshot| {
-            let table = snapshot.open_table(DDM_STATE).map_err(backend_error)?;
-            let value = table.get(id.as_str()).map_err(backend_error)?;
-            Ok(value.map(|v| v.value().to_vec()))
+    async fn device(&self, id: &str) -> StoreResult<DeviceRecords> {
+        let id = id.to_owned();
+        self.read("device", move |snapshot| {
+            let enrollments = snapshot.open_table(ENROLLMENTS).map_err(backend_error)?;
+            let enrollment = enrollments
+                .get(id.as_str())
+                .map_err(backend_error)?
+                .map(|value| decode("enrollment", &id, value.value()))
+                .transpose()?;
+            let commands = snapshot.open_table(COMMANDS).map_err(backend_error)?;
+            let queue = read_queue(snapshot, &id)?
+                .into_iter()
+                .map(|entry| {
+                    let body = commands
+                        .get(entry.command_uuid.as_str())
+                        .map_err(backend_error)?
+                        .map(|value| decode("command", &entry.command_uuid, value.value()))
+                        .transpose()?;
+                    Ok((entry, body))
+                })
+                .collect::<StoreResult<_>>()?;
+            Ok(DeviceRecords {
+                enrollment,
+                queue,
+                ddm: read_ddm(snapshot, &id)?,
+            })
         })
         .await
     }
@@ -413,7 +510,7 @@ impl Store for EmbeddedStore {
         &self,
         after: Option<&str>,
         limit: usize,
-    ) -> StoreResult<Vec<(String, Vec<u8>)>> {
+    ) -> StoreResult<Vec<(String, DdmRecord)>> {
         let after = after.map(str::to_owned);
         self.read("ddm_states", move |snapshot| {
             let table = snapshot.open_table(DDM_STATE).map_err(backend_error)?;
@@ -424,10 +521,28 @@ impl Store for EmbeddedStore {
             let rows = table.range(start.as_str()..).map_err(backend_error)?;
             rows.take(limit)
                 .map(|row| {
-                    let (key, value) = row.map_err(backend_error)?;
-                    Ok((key.value().to_owned(), value.value().to_vec()))
+                    let (key, _) = row.map_err(backend_error)?;
+                    let id = key.value().to_owned();
+                    let ddm = read_ddm(snapshot, &id)?;
+                    Ok((id, ddm))
                 })
                 .collect()
+        })
+        .await
+    }
+
+    async fn ddm_reports(&self, enrollment_id: &str) -> StoreResult<Vec<StoredReport>> {
+        let id = enrollment_id.to_owned();
+        self.read("ddm_reports", move |snapshot| {
+            let table = snapshot.open_table(DDM_REPORTS).map_err(backend_error)?;
+            let rows = table
+                .range((id.as_str(), 0u64)..=(id.as_str(), u64::MAX))
+                .map_err(backend_error)?;
+            rows.map(|row| {
+                let (_, value) = row.map_err(backend_error)?;
+                decode("status report", &id, value.value())
+            })
+            .collect()
         })
         .await
     }
@@ -510,6 +625,11 @@ enum EncodedMutation {
         set: String,
         enrollment_id: String,
     },
+    AppendDdmReport {
+        enrollment_id: String,
+        value: Vec<u8>,
+        keep: usize,
+    },
 }
 
 /// The string-keyed blob tables written whole.
@@ -518,6 +638,7 @@ enum KeyedTable {
     Declarations,
     Sets,
     DdmState,
+    DdmTimeline,
 }
 
 impl EncodedMutation {
@@ -605,6 +726,23 @@ impl EncodedMutation {
                 key: enrollment_id,
                 value: state,
             },
+            Mutation::PutDdmTimeline {
+                enrollment_id,
+                timeline,
+            } => EncodedMutation::PutRow {
+                table: KeyedTable::DdmTimeline,
+                key: enrollment_id,
+                value: timeline,
+            },
+            Mutation::AppendDdmReport {
+                enrollment_id,
+                report,
+                keep,
+            } => EncodedMutation::AppendDdmReport {
+                enrollment_id,
+                value: encode(&report)?,
+                keep,
+            },
         })
     }
 
@@ -641,6 +779,11 @@ impl EncodedMutation {
             | EncodedMutation::RemoveSetMember { set, enrollment_id } => {
                 set.len() + enrollment_id.len()
             }
+            EncodedMutation::AppendDdmReport {
+                enrollment_id,
+                value,
+                ..
+            } => enrollment_id.len() + 8 + value.len(),
         }
     }
 }
@@ -738,6 +881,8 @@ struct WriteTables<'txn> {
     sets: Table<'txn, &'static str, &'static [u8]>,
     set_members: Table<'txn, (&'static str, &'static str), ()>,
     ddm_state: Table<'txn, &'static str, &'static [u8]>,
+    ddm_timeline: Table<'txn, &'static str, &'static [u8]>,
+    ddm_reports: Table<'txn, (&'static str, u64), &'static [u8]>,
 }
 
 impl<'txn> WriteTables<'txn> {
@@ -762,6 +907,10 @@ impl<'txn> WriteTables<'txn> {
             sets: transaction.open_table(SETS).map_err(backend_error)?,
             set_members: transaction.open_table(SET_MEMBERS).map_err(backend_error)?,
             ddm_state: transaction.open_table(DDM_STATE).map_err(backend_error)?,
+            ddm_timeline: transaction
+                .open_table(DDM_TIMELINE)
+                .map_err(backend_error)?,
+            ddm_reports: transaction.open_table(DDM_REPORTS).map_err(backend_error)?,
         })
     }
 
@@ -860,6 +1009,33 @@ impl<'txn> WriteTables<'txn> {
                     .remove((set.as_str(), enrollment_id.as_str()))
                     .map_err(backend_error)?;
             }
+            EncodedMutation::AppendDdmReport {
+                enrollment_id,
+                value,
+                keep,
+            } => self.append_report(enrollment_id, value, *keep)?,
+        }
+        Ok(())
+    }
+
+    /// Number the report after the newest kept one, then drop the oldest beyond `keep`.
+    fn append_report(&mut self, enrollment_id: &str, value: &[u8], keep: usize) -> StoreResult<()> {
+        let id = enrollment_id;
+        let numbers: Vec<u64> = self
+            .ddm_reports
+            .range((id, 0u64)..=(id, u64::MAX))
+            .map_err(backend_error)?
+            .map(|row| row.map(|(key, _)| key.value().1).map_err(backend_error))
+            .collect::<StoreResult<_>>()?;
+        let next = numbers.last().map_or(0, |last| last + 1);
+        self.ddm_reports
+            .insert((id, next), value)
+            .map_err(backend_error)?;
+        let excess = (numbers.len() + 1).saturating_sub(keep);
+        for number in numbers.into_iter().take(excess) {
+            self.ddm_reports
+                .remove((id, number))
+                .map_err(backend_error)?;
         }
         Ok(())
     }
@@ -869,6 +1045,7 @@ impl<'txn> WriteTables<'txn> {
             KeyedTable::Declarations => &mut self.declarations,
             KeyedTable::Sets => &mut self.sets,
             KeyedTable::DdmState => &mut self.ddm_state,
+            KeyedTable::DdmTimeline => &mut self.ddm_timeline,
         }
     }
 
@@ -909,6 +1086,32 @@ impl<'txn> WriteTables<'txn> {
             .map_err(backend_error)?;
         Ok(())
     }
+}
+
+/// The enrollment's queue entries in `seq` order.
+fn read_queue(snapshot: &ReadTransaction, id: &str) -> StoreResult<Vec<QueueEntry>> {
+    let table = snapshot.open_table(QUEUE).map_err(backend_error)?;
+    let rows = table
+        .range((id, 0u64)..=(id, u64::MAX))
+        .map_err(backend_error)?;
+    rows.map(|row| {
+        let (key, value) = row.map_err(backend_error)?;
+        let (_, seq) = key.value();
+        decode("queue entry", &format!("{id}/{seq}"), value.value())
+    })
+    .collect()
+}
+
+fn read_ddm(snapshot: &ReadTransaction, id: &str) -> StoreResult<DdmRecord> {
+    let row = |definition: TableDefinition<&str, &[u8]>| -> StoreResult<Option<Vec<u8>>> {
+        let table = snapshot.open_table(definition).map_err(backend_error)?;
+        let value = table.get(id).map_err(backend_error)?;
+        Ok(value.map(|v| v.value().to_vec()))
+    };
+    Ok(DdmRecord {
+        state: row(DDM_STATE)?,
+        timeline: row(DDM_TIMELINE)?,
+    })
 }
 
 /// Decode every row of a string-keyed table.

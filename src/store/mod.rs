@@ -222,12 +222,53 @@ pub enum Mutation {
         set: String,
         enrollment_id: String,
     },
-    /// The enrollment's DDM state (assigned sets, merged status, sync timeline), encoded
-    /// by the DDM layer and written whole by the enrollment's actor.
+    /// The enrollment's DDM state (assigned sets, merged status), encoded by the DDM
+    /// layer and written whole by the enrollment's actor.
     PutDdmState {
         enrollment_id: String,
         state: Vec<u8>,
     },
+    /// The enrollment's DDM sync timeline, written whole.
+    PutDdmTimeline {
+        enrollment_id: String,
+        timeline: Vec<u8>,
+    },
+    /// Add a raw status report to the enrollment's history; the store keeps only the
+    /// newest `keep`.
+    AppendDdmReport {
+        enrollment_id: String,
+        report: StoredReport,
+        keep: usize,
+    },
+}
+
+/// Everything an enrollment's actor loads when it activates, read from one snapshot so
+/// that an activation costs one store round trip, not one per table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceRecords {
+    pub enrollment: Option<EnrollmentRecord>,
+    /// The pending queue in `seq` order, each entry with its command body (`None`: the
+    /// body is missing, which the actor logs and skips).
+    pub queue: Vec<(QueueEntry, Option<StoredCommand>)>,
+    pub ddm: DdmRecord,
+}
+
+/// An enrollment's DDM rows, encoded by the DDM layer. They are split by how often they
+/// change: the state (assigned sets, merged status) is written with every assignment and
+/// status report; the timeline is diagnostic and written with status reports and when
+/// the actor leaves memory, so a fleet-wide assignment does not rewrite it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DdmRecord {
+    pub state: Option<Vec<u8>>,
+    pub timeline: Option<Vec<u8>>,
+}
+
+/// A status report exactly as the device sent it, kept for the report history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredReport {
+    /// Unix seconds.
+    pub received_at: i64,
+    pub json: String,
 }
 
 /// A scheduled re-push: the enrollment has pending commands and should be woken at
@@ -286,12 +327,15 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&str>,
         limit: usize,
     ) -> StoreResult<Vec<String>>;
-    async fn ddm_state(&self, enrollment_id: &str) -> StoreResult<Option<Vec<u8>>>;
-    /// DDM states in enrollment-id order, strictly after `after`, at most `limit` (fleet
-    /// views page through them).
+    /// Everything the enrollment's actor needs to activate, from one snapshot.
+    async fn device(&self, id: &str) -> StoreResult<DeviceRecords>;
+    /// DDM rows of enrollments that have a DDM state, in enrollment-id order, strictly
+    /// after `after`, at most `limit` (fleet views page through them).
     async fn ddm_states(
         &self,
         after: Option<&str>,
         limit: usize,
-    ) -> StoreResult<Vec<(String, Vec<u8>)>>;
+    ) -> StoreResult<Vec<(String, DdmRecord)>>;
+    /// The enrollment's kept raw status reports, oldest first.
+    async fn ddm_reports(&self, enrollment_id: &str) -> StoreResult<Vec<StoredReport>>;
 }
