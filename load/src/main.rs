@@ -138,12 +138,13 @@ fn prepare_target(args: &Args, peer: &Peer, apns_ca: &Path) -> Result<Target, St
         eprintln!(
             "orchard-load: (re)start the Orchard at {base} with\n  \
              --apns-url {} --apns-ca {} --identity-ca {}{header} \
-             --repush-after-secs {} --repush-interval-secs 1\n\
+             --repush-after-secs {} --repush-interval-secs {}\n\
              orchard-load: waiting until a push from it reaches the peer…",
             peer.peer.url(),
             apns_ca.display(),
             identity_ca.display(),
             args.repush_after,
+            server::repush_interval_secs(args.repush_after),
         );
         return Ok(Target {
             base: base.trim_end_matches('/').to_owned(),

@@ -57,6 +57,14 @@ pub struct Launch<'a> {
     pub log: &'a Path,
 }
 
+/// How often the server should look for due re-pushes: a tenth of the re-push delay, from 1 s
+/// (short runs that exercise NotNow) to Orchard's production 30 s. Checking every second
+/// with a delay of minutes would turn the tail of a million-device wave, still queued behind
+/// the pushes before it, into a re-push storm of up to 10,000 wake decisions a second.
+pub fn repush_interval_secs(repush_after_secs: u64) -> u64 {
+    (repush_after_secs / 10).clamp(1, 30)
+}
+
 /// A server process this tool owns; killed when dropped.
 pub struct Spawned {
     child: Child,
@@ -66,9 +74,9 @@ pub struct Spawned {
 impl Spawned {
     /// Starts `orchard serve` on 127.0.0.1:0 and reads the address it prints.
     ///
-    /// Re-pushes are tightened to `repush_after_secs`, checked every second, so that devices
-    /// answering `NotNow` are woken again within a run instead of after Orchard's production
-    /// spacing of minutes.
+    /// Re-pushes are tightened to `repush_after_secs`, checked every
+    /// [`repush_interval_secs`], so that devices answering `NotNow` are woken again within a
+    /// run instead of after Orchard's production spacing of minutes.
     pub fn start(launch: &Launch<'_>) -> Result<Self, ServerError> {
         let log = fs::File::create(launch.log)
             .map_err(|err| ServerError::Io(launch.log.display().to_string(), err))?;
@@ -85,7 +93,8 @@ impl Spawned {
             .arg(launch.apns_ca)
             .arg("--repush-after-secs")
             .arg(launch.repush_after_secs.to_string())
-            .args(["--repush-interval-secs", "1"])
+            .arg("--repush-interval-secs")
+            .arg(repush_interval_secs(launch.repush_after_secs).to_string())
             .env("ORCHARD_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -182,6 +191,14 @@ impl ProcessUsage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_repush_sweep_interval_follows_the_repush_delay() {
+        assert_eq!(repush_interval_secs(5), 1);
+        assert_eq!(repush_interval_secs(120), 12);
+        assert_eq!(repush_interval_secs(300), 30);
+        assert_eq!(repush_interval_secs(3600), 30);
+    }
 
     #[test]
     fn only_loopback_targets_are_accepted() {
