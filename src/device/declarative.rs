@@ -281,18 +281,16 @@ impl Handler<AssignSet> for DeviceActor {
             }
         };
         let mut batch = vec![membership];
-        let queued = match &msg.then_sync {
-            Some(sync) => self.queue_sync_command(sync, &mut batch).map(Some),
-            None => Ok(None),
-        };
-        let state = queued.and_then(|queued| Ok((queued, self.ddm_state_mutation()?)));
-        let push = match state {
-            Ok((queued, state)) => {
-                batch.push(state);
-                queued.map(|()| self.push_decision())
+        if let Some(sync) = &msg.then_sync {
+            if let Err(e) = self.queue_sync_command(sync, &mut batch) {
+                return Self::immediate(Err(e));
             }
+        }
+        match self.ddm_state_mutation() {
+            Ok(state) => batch.push(state),
             Err(e) => return Self::immediate(Err(e)),
-        };
+        }
+        let push = msg.then_sync.is_some().then(|| self.push_decision());
         self.commit(
             batch,
             Assigned {
