@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use orchard::store::embedded::EmbeddedStore;
 use orchard::store::{
-    CommandResult, DdmRecord, DeclarationRecord, DeclarationSet, DeviceRecords, EnrollmentKind,
-    EnrollmentRecord, Mutation, PushCertRecord, PushInfo, QueueEntry, ResultStatus, Store,
-    StoredCommand, StoredReport, WakeEntry,
+    CommandResult, DdmRecord, DdmRows, DeclarationRecord, DeclarationSet, DeviceRecords,
+    EnrollmentKind, EnrollmentRecord, Mutation, PushCertRecord, PushInfo, QueueEntry, ResultStatus,
+    Store, StoredCommand, StoredReport, WakeEntry,
 };
 
 /// A fresh, empty storage location that can be opened (and reopened) as a store.
@@ -493,10 +493,24 @@ mod cases {
         );
         assert_eq!(store.device("d2").await.unwrap().ddm, ddm(b"two", None));
         assert_eq!(store.device("d3").await.unwrap().ddm, DdmRecord::default());
-        let page = store.ddm_states(None, 1).await.unwrap();
+        let page = store
+            .ddm_states(None, 1, DdmRows::StateAndTimeline)
+            .await
+            .unwrap();
         assert_eq!(page, [("d1".to_string(), ddm(b"uno", Some(b"events")))]);
-        let rest = store.ddm_states(Some("d1"), 10).await.unwrap();
+        let rest = store
+            .ddm_states(Some("d1"), 10, DdmRows::StateAndTimeline)
+            .await
+            .unwrap();
         assert_eq!(rest, [("d2".to_string(), ddm(b"two", None))]);
+        let states_only = store.ddm_states(None, 10, DdmRows::State).await.unwrap();
+        assert_eq!(
+            states_only,
+            [
+                ("d1".to_string(), ddm(b"uno", None)),
+                ("d2".to_string(), ddm(b"two", None))
+            ]
+        );
     }
 
     pub async fn status_reports_keep_only_the_newest<B: Backend>(backend: B) {

@@ -21,6 +21,7 @@ use crate::ddm::sync::DdmState;
 use crate::ddm::{Issue, Validity};
 use crate::device::messages::{DdmView, GetDdmView};
 use crate::device::DeviceError;
+use crate::store::DdmRows;
 
 /// DDM states read per page by the fleet views.
 const FLEET_PAGE: usize = 1000;
@@ -547,16 +548,17 @@ async fn bulk_assign(
     })))
 }
 
-/// Every enrollment's DDM state, page by page.
+/// Every enrollment's DDM state (with its timeline only if `rows` asks for it), page by page.
 async fn each_ddm_state(
     state: &AppState,
+    rows: DdmRows,
     mut visit: impl FnMut(&str, DdmState),
 ) -> Result<(), Rejection> {
     let mut after: Option<String> = None;
     loop {
         let page = state
             .store
-            .ddm_states(after.as_deref(), FLEET_PAGE)
+            .ddm_states(after.as_deref(), FLEET_PAGE, rows)
             .await
             .map_err(Rejection::store_failure)?;
         let full = page.len() == FLEET_PAGE;
@@ -577,7 +579,7 @@ async fn each_ddm_state(
 async fn fleet_declarations(state: web::Data<AppState>) -> Result<HttpResponse, Rejection> {
     let catalog = Arc::clone(state.registry.catalog());
     let mut fleet: BTreeMap<String, BTreeMap<&'static str, u64>> = BTreeMap::new();
-    each_ddm_state(&state, |_, ddm| {
+    each_ddm_state(&state, DdmRows::State, |_, ddm| {
         let snapshot = catalog.manifest(&ddm.sets);
         for item in snapshot.manifest.items() {
             let counts = fleet.entry(item.identifier.clone()).or_default();
@@ -670,7 +672,10 @@ async fn device_reports(
 /// `GET /api/v1/ddm/diagnosis`: enrollments per doctor rule across the fleet.
 async fn fleet_diagnosis(state: web::Data<AppState>) -> Result<HttpResponse, Rejection> {
     let mut states = Vec::new();
-    each_ddm_state(&state, |id, ddm| states.push((id.to_string(), ddm))).await?;
+    each_ddm_state(&state, DdmRows::StateAndTimeline, |id, ddm| {
+        states.push((id.to_string(), ddm))
+    })
+    .await?;
     let mut per_rule: BTreeMap<&'static str, u64> = BTreeMap::new();
     for (id, ddm) in states {
         let record = state

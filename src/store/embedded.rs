@@ -38,9 +38,9 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
 use super::{
-    CertFingerprint, CommandResult, DdmRecord, DeclarationRecord, DeclarationSet, DeviceRecords,
-    EnrollmentRecord, Mutation, PushCertRecord, QueueEntry, Store, StoreError, StoreResult,
-    StoredCommand, StoredReport, WakeEntry,
+    CertFingerprint, CommandResult, DdmRecord, DdmRows, DeclarationRecord, DeclarationSet,
+    DeviceRecords, EnrollmentRecord, Mutation, PushCertRecord, QueueEntry, Store, StoreError,
+    StoreResult, StoredCommand, StoredReport, WakeEntry,
 };
 
 /// Page cache unless configured (redb's own default is 1 GiB).
@@ -510,6 +510,7 @@ impl Store for EmbeddedStore {
         &self,
         after: Option<&str>,
         limit: usize,
+        wanted: DdmRows,
     ) -> StoreResult<Vec<(String, DdmRecord)>> {
         let after = after.map(str::to_owned);
         self.read("ddm_states", move |snapshot| {
@@ -521,9 +522,15 @@ impl Store for EmbeddedStore {
             let rows = table.range(start.as_str()..).map_err(backend_error)?;
             rows.take(limit)
                 .map(|row| {
-                    let (key, _) = row.map_err(backend_error)?;
+                    let (key, state) = row.map_err(backend_error)?;
                     let id = key.value().to_owned();
-                    let ddm = read_ddm(snapshot, &id)?;
+                    let ddm = match wanted {
+                        DdmRows::State => DdmRecord {
+                            state: Some(state.value().to_vec()),
+                            timeline: None,
+                        },
+                        DdmRows::StateAndTimeline => read_ddm(snapshot, &id)?,
+                    };
                     Ok((id, ddm))
                 })
                 .collect()

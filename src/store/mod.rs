@@ -263,6 +263,14 @@ pub struct DdmRecord {
     pub timeline: Option<Vec<u8>>,
 }
 
+/// Which DDM rows a fleet scan reads: the fleet view needs only the state, the fleet
+/// diagnosis the timeline too (the larger row).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DdmRows {
+    State,
+    StateAndTimeline,
+}
+
 /// A status report exactly as the device sent it, kept for the report history.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredReport {
@@ -330,11 +338,13 @@ pub trait Store: Send + Sync + 'static {
     /// Everything the enrollment's actor needs to activate, from one snapshot.
     async fn device(&self, id: &str) -> StoreResult<DeviceRecords>;
     /// DDM rows of enrollments that have a DDM state, in enrollment-id order, strictly
-    /// after `after`, at most `limit` (fleet views page through them).
+    /// after `after`, at most `limit` (fleet views page through them); the timelines only
+    /// when asked for.
     async fn ddm_states(
         &self,
         after: Option<&str>,
         limit: usize,
+        rows: DdmRows,
     ) -> StoreResult<Vec<(String, DdmRecord)>>;
     /// The enrollment's kept raw status reports, oldest first.
     async fn ddm_reports(&self, enrollment_id: &str) -> StoreResult<Vec<StoredReport>>;
