@@ -231,10 +231,7 @@ pub async fn sync_declarations(
         .buffered(FAN_OUT)
         .collect()
         .await;
-    let queued = decisions.iter().filter(|(_, d)| d.is_ok()).count();
-    metrics::counter!("orchard_ddm_syncs_triggered_total").increment(queued as u64);
-    wake_for_sync(registry, push, decisions).await;
-    Ok(queued)
+    Ok(wake_for_sync(registry, push, decisions).await)
 }
 
 /// Assign (or unassign) `set` to every id; with `sync`, each enrollment whose assignment
@@ -276,7 +273,6 @@ pub async fn assign_set(
         }
         changed.push((id, outcome.map(|assigned| assigned.changed)));
     }
-    metrics::counter!("orchard_ddm_syncs_triggered_total").increment(decisions.len() as u64);
     wake_for_sync(registry, push, decisions).await;
     Ok(changed)
 }
@@ -299,12 +295,15 @@ async fn sync_command_for(
     Ok(SyncCommand::Shared(registry.intern_body(command)))
 }
 
-/// Push the enrollments whose sync command asked for it.
+/// Count the enrollments that queued their sync command and push those that asked for
+/// it; answers the count.
 async fn wake_for_sync(
     registry: &Arc<Registry>,
     push: &dyn Push,
     decisions: Vec<(String, Result<PushDecision, DeviceError>)>,
-) {
+) -> usize {
+    let queued = decisions.iter().filter(|(_, d)| d.is_ok()).count();
+    metrics::counter!("orchard_ddm_syncs_triggered_total").increment(queued as u64);
     let targets: Vec<PushTarget> = decisions
         .into_iter()
         .filter_map(|(id, decision)| match decision {
@@ -319,4 +318,5 @@ async fn wake_for_sync(
     if !targets.is_empty() {
         dispatch(registry, push, &targets).await;
     }
+    queued
 }

@@ -57,11 +57,7 @@ async fn ddm(
         .await
         .unwrap();
     let status = response.status().as_u16();
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
+    let content_type = content_type_of(&response);
     let body = body_of(response).await;
     (
         status,
@@ -145,6 +141,16 @@ async fn receive_sync_command(server: &Server, device: &Device) -> Option<Json> 
     inner
         .get("Data")
         .map(|d| serde_json::from_slice(d.as_data().unwrap()).unwrap())
+}
+
+/// An enrolled device with the test declarations published and assigned to it, which has
+/// received its DeclarativeManagement command.
+async fn device_told_to_sync() -> (Server, Device) {
+    let (server, device) = enrolled_device(UDID).await;
+    publish(&server).await;
+    assign(&server, "default").await;
+    receive_sync_command(&server, &device).await;
+    (server, device)
 }
 
 fn status_report(items: &[(&str, &str, &str, bool, &str)]) -> Vec<u8> {
@@ -273,10 +279,7 @@ async fn a_device_syncs_published_declarations_end_to_end() {
 
 #[actix_rt::test]
 async fn a_change_resyncs_and_an_unchanged_upload_does_not() {
-    let (server, device) = enrolled_device(UDID).await;
-    publish(&server).await;
-    assign(&server, "default").await;
-    receive_sync_command(&server, &device).await;
+    let (server, device) = device_told_to_sync().await;
     let before = full_sync(&server, &device).await;
     assert_eq!(
         api(
@@ -332,10 +335,7 @@ async fn a_change_resyncs_and_an_unchanged_upload_does_not() {
 
 #[actix_rt::test]
 async fn a_removed_declaration_disappears_and_is_404() {
-    let (server, device) = enrolled_device(UDID).await;
-    publish(&server).await;
-    assign(&server, "default").await;
-    receive_sync_command(&server, &device).await;
+    let (server, device) = device_told_to_sync().await;
     full_sync(&server, &device).await;
     let path = format!("/api/v1/ddm/set-declarations/default?declaration={ACTIVATION}");
     assert_eq!(api(&server, "DELETE", &path, None).await.0, 204);
@@ -359,10 +359,7 @@ async fn a_removed_declaration_disappears_and_is_404() {
 
 #[actix_rt::test]
 async fn a_change_racing_a_sync_serves_the_revision_the_device_was_shown() {
-    let (server, device) = enrolled_device(UDID).await;
-    publish(&server).await;
-    assign(&server, "default").await;
-    receive_sync_command(&server, &device).await;
+    let (server, device) = device_told_to_sync().await;
     let (_, _, items) = ddm(&server, &device, "declaration-items", None).await;
     let listed = items["Declarations"]["Configurations"][0]["ServerToken"].clone();
     api(
@@ -386,10 +383,7 @@ async fn a_change_racing_a_sync_serves_the_revision_the_device_was_shown() {
 
 #[actix_rt::test]
 async fn re_enrollment_resets_ddm_state_and_starts_a_sync() {
-    let (server, device) = enrolled_device(UDID).await;
-    publish(&server).await;
-    assign(&server, "default").await;
-    receive_sync_command(&server, &device).await;
+    let (server, device) = device_told_to_sync().await;
     full_sync(&server, &device).await;
     device.enroll(&server).await;
     let data = receive_sync_command(&server, &device).await;
@@ -470,10 +464,7 @@ async fn invalid_declarations_are_rejected_with_the_path_of_the_problem() {
 
 #[actix_rt::test]
 async fn a_status_report_with_errors_is_surfaced_and_diagnosed() {
-    let (server, device) = enrolled_device(UDID).await;
-    publish(&server).await;
-    assign(&server, "default").await;
-    receive_sync_command(&server, &device).await;
+    let (server, device) = device_told_to_sync().await;
     let (_, _, items) = ddm(&server, &device, "declaration-items", None).await;
     let token = items["Declarations"]["Configurations"][0]["ServerToken"]
         .as_str()

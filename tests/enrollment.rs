@@ -13,11 +13,7 @@ async fn fetch_profile(server: &Server) -> (u16, Vec<u8>, String) {
         .await
         .unwrap();
     let status = response.status().as_u16();
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
+    let content_type = content_type_of(&response);
     (status, body_of(response).await, content_type)
 }
 

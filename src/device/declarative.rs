@@ -145,20 +145,18 @@ impl DeviceActor {
     /// The state and the timeline rows (clears the dirty mark).
     pub(super) fn ddm_mutations(&mut self) -> Vec<Mutation> {
         let id = self.id.clone();
-        let Ok(loaded) = self.loaded() else {
+        let Ok(state) = self.ddm_state_mutation() else {
             return Vec::new();
         };
+        let Ok(loaded) = self.loaded() else {
+            return vec![state];
+        };
         loaded.ddm_dirty = false;
-        vec![
-            Mutation::PutDdmState {
-                enrollment_id: id.clone(),
-                state: loaded.ddm.encode(),
-            },
-            Mutation::PutDdmTimeline {
-                enrollment_id: id,
-                timeline: loaded.ddm.encode_timeline(),
-            },
-        ]
+        let timeline = Mutation::PutDdmTimeline {
+            enrollment_id: id,
+            timeline: loaded.ddm.encode_timeline(),
+        };
+        vec![state, timeline]
     }
 
     /// Queue a DeclarativeManagement command, replacing one still pending so the device

@@ -293,11 +293,7 @@ impl Store for EmbeddedStore {
     async fn enrollment(&self, id: &str) -> StoreResult<Option<EnrollmentRecord>> {
         let id = id.to_owned();
         self.read("enrollment", move |snapshot| {
-            let table = snapshot.open_table(ENROLLMENTS).map_err(backend_error)?;
-            let value = table.get(id.as_str()).map_err(backend_error)?;
-            value
-                .map(|value| decode("enrollment", &id, value.value()))
-                .transpose()
+            read_row(snapshot, ENROLLMENTS, "enrollment", &id)
         })
         .await
     }
@@ -336,11 +332,7 @@ impl Store for EmbeddedStore {
     async fn command(&self, command_uuid: &str) -> StoreResult<Option<StoredCommand>> {
         let command_uuid = command_uuid.to_owned();
         self.read("command", move |snapshot| {
-            let table = snapshot.open_table(COMMANDS).map_err(backend_error)?;
-            let value = table.get(command_uuid.as_str()).map_err(backend_error)?;
-            value
-                .map(|value| decode("command", &command_uuid, value.value()))
-                .transpose()
+            read_row(snapshot, COMMANDS, "command", &command_uuid)
         })
         .await
     }
@@ -479,26 +471,15 @@ impl Store for EmbeddedStore {
     async fn device(&self, id: &str) -> StoreResult<DeviceRecords> {
         let id = id.to_owned();
         self.read("device", move |snapshot| {
-            let enrollments = snapshot.open_table(ENROLLMENTS).map_err(backend_error)?;
-            let enrollment = enrollments
-                .get(id.as_str())
-                .map_err(backend_error)?
-                .map(|value| decode("enrollment", &id, value.value()))
-                .transpose()?;
-            let commands = snapshot.open_table(COMMANDS).map_err(backend_error)?;
             let queue = read_queue(snapshot, &id)?
                 .into_iter()
                 .map(|entry| {
-                    let body = commands
-                        .get(entry.command_uuid.as_str())
-                        .map_err(backend_error)?
-                        .map(|value| decode("command", &entry.command_uuid, value.value()))
-                        .transpose()?;
+                    let body = read_row(snapshot, COMMANDS, "command", &entry.command_uuid)?;
                     Ok((entry, body))
                 })
                 .collect::<StoreResult<_>>()?;
             Ok(DeviceRecords {
-                enrollment,
+                enrollment: read_row(snapshot, ENROLLMENTS, "enrollment", &id)?,
                 queue,
                 ddm: read_ddm(snapshot, &id)?,
             })
@@ -1093,6 +1074,20 @@ impl<'txn> WriteTables<'txn> {
             .map_err(backend_error)?;
         Ok(())
     }
+}
+
+/// The row under `key`, decoded.
+fn read_row<T: DeserializeOwned>(
+    snapshot: &ReadTransaction,
+    definition: TableDefinition<&str, &[u8]>,
+    kind: &str,
+    key: &str,
+) -> StoreResult<Option<T>> {
+    let table = snapshot.open_table(definition).map_err(backend_error)?;
+    let value = table.get(key).map_err(backend_error)?;
+    value
+        .map(|value| decode(kind, key, value.value()))
+        .transpose()
 }
 
 /// The enrollment's queue entries in `seq` order.

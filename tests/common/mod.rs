@@ -159,6 +159,15 @@ pub async fn body_of(
         .to_vec()
 }
 
+/// The response's Content-Type, or "" without one.
+pub fn content_type_of<S>(response: &awc::ClientResponse<S>) -> String {
+    response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
 /// A device with its own identity from the server's CA.
 pub struct Device {
     pub udid: String,
