@@ -110,9 +110,43 @@ pub struct ServeArgs {
     #[arg(long, env = "ORCHARD_SCYLLA_NODES", value_delimiter = ',')]
     pub scylla_nodes: Vec<String>,
 
-    /// ScyllaDB keyspace for --store scylla.
+    /// ScyllaDB keyspace for --store scylla (created, with every table, if missing).
     #[arg(long, env = "ORCHARD_SCYLLA_KEYSPACE", default_value = "orchard")]
     pub scylla_keyspace: String,
+
+    /// Replication factor used when Orchard creates the keyspace.
+    #[arg(long, env = "ORCHARD_SCYLLA_REPLICATION", default_value_t = 3)]
+    pub scylla_replication: u32,
+
+    /// Local datacenter: LOCAL_QUORUM is counted there and requests go to its replicas.
+    #[arg(long, env = "ORCHARD_SCYLLA_DATACENTER")]
+    pub scylla_datacenter: Option<String>,
+
+    /// Database user (with --scylla-password).
+    #[arg(long, env = "ORCHARD_SCYLLA_USER", requires = "scylla_password")]
+    pub scylla_user: Option<String>,
+
+    /// Database password (with --scylla-user).
+    #[arg(
+        long,
+        env = "ORCHARD_SCYLLA_PASSWORD",
+        hide_env_values = true,
+        requires = "scylla_user"
+    )]
+    pub scylla_password: Option<String>,
+
+    /// CA (PEM) of the database's TLS certificates: connect with TLS.
+    #[arg(long, env = "ORCHARD_SCYLLA_CA")]
+    pub scylla_ca: Option<PathBuf>,
+
+    /// Milliseconds one database request (with its retries) may take; past it the
+    /// device gets 503 and retries.
+    #[arg(long, env = "ORCHARD_SCYLLA_TIMEOUT_MS", default_value_t = 5000)]
+    pub scylla_timeout_ms: u64,
+
+    /// Database requests in flight at most; more wait (backpressure).
+    #[arg(long, env = "ORCHARD_SCYLLA_MAX_IN_FLIGHT", default_value_t = 1024)]
+    pub scylla_max_in_flight: usize,
 
     /// Page cache of the embedded store, in MiB.
     #[arg(long, env = "ORCHARD_STORE_CACHE_MB", default_value_t = 256)]

@@ -18,6 +18,7 @@ use crate::http::{self, AppState, HttpSettings};
 use crate::identity::{CertificateAuthority, IdentityVerifier};
 use crate::push::apns::{ApnsPush, ApnsSettings, Endpoint, DEVELOPMENT_URL, PRODUCTION_URL};
 use crate::store::embedded::EmbeddedStore;
+use crate::store::scylla::{ScyllaConfig, ScyllaStore};
 use crate::store::Store;
 use crate::telemetry;
 
@@ -47,11 +48,8 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
             EmbeddedStore::open_with_cache(&args.data_dir, args.store_cache_mb.max(1) << 20)
                 .map_err(|e| fail("cannot open the embedded store", e))?
         }
-        StoreKind::Scylla => {
-            return Err(StartupError(
-                "--store scylla is not available in this build; use --store embedded".into(),
-            ))
-        }
+        StoreKind::Scylla => ScyllaStore::start(scylla_config(&args)?)
+            .map_err(|e| fail("cannot open the CQL store", e))?,
     };
     let ca = Arc::new(
         CertificateAuthority::load_or_create(&args.data_dir).map_err(|e| fail("identity CA", e))?,
@@ -250,6 +248,35 @@ fn validate(args: &ServeArgs) -> Result<(), StartupError> {
         )));
     }
     Ok(())
+}
+
+/// The CQL store's settings from the `--scylla-*` flags.
+fn scylla_config(args: &ServeArgs) -> Result<ScyllaConfig, StartupError> {
+    if args.scylla_nodes.is_empty() {
+        return Err(StartupError(
+            "--store scylla needs --scylla-nodes HOST:PORT[,HOST:PORT...]".into(),
+        ));
+    }
+    if args.scylla_replication == 0 {
+        return Err(StartupError(
+            "--scylla-replication must be at least 1".into(),
+        ));
+    }
+    if let Some(ca) = &args.scylla_ca {
+        std::fs::metadata(ca).map_err(|e| fail(&format!("cannot read {}", ca.display()), e))?;
+    }
+    Ok(ScyllaConfig {
+        nodes: args.scylla_nodes.clone(),
+        keyspace: args.scylla_keyspace.clone(),
+        replication: args.scylla_replication,
+        datacenter: args.scylla_datacenter.clone(),
+        user: args.scylla_user.clone(),
+        password: args.scylla_password.clone(),
+        ca: args.scylla_ca.clone(),
+        request_timeout: Duration::from_millis(args.scylla_timeout_ms.max(1)),
+        max_in_flight: args.scylla_max_in_flight.max(1),
+        node_name: args.listen.clone(),
+    })
 }
 
 fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, StartupError> {

@@ -3,20 +3,31 @@
 //! Each case is an `async fn` generic over [`Backend`]; [`conformance_suite!`] turns the
 //! whole list into one `#[tokio::test]` per case for one backend. Adding a backend means
 //! implementing [`Backend`] for it and adding one `conformance_suite!` line at the bottom.
+//! The CQL backend runs against the server named by `ORCHARD_TEST_CQL` (one fresh
+//! keyspace per case) and is skipped without one.
 
+mod cql;
+
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use orchard::store::embedded::EmbeddedStore;
+use orchard::store::scylla::{ScyllaConfig, ScyllaStore};
 use orchard::store::{
     CommandResult, DdmRecord, DdmRows, DeclarationRecord, DeclarationSet, DeviceRecords,
     EnrollmentKind, EnrollmentRecord, Mutation, PushCertRecord, PushInfo, QueueEntry, ResultStatus,
-    Store, StoredCommand, StoredReport, WakeEntry,
+    Store, StoreError, StoredCommand, StoredReport, WakeEntry,
 };
 
 /// A fresh, empty storage location that can be opened (and reopened) as a store.
 trait Backend: Sized {
     type Store: Store;
+
+    /// Whether this backend can run here (a server it needs may be missing).
+    fn available() -> bool {
+        true
+    }
 
     async fn fresh() -> Self;
 
@@ -49,12 +60,51 @@ impl Backend for EmbeddedBackend {
     }
 }
 
+/// A fresh keyspace on the CQL server of `ORCHARD_TEST_CQL`, dropped afterwards.
+struct ScyllaBackend {
+    config: ScyllaConfig,
+}
+
+impl Backend for ScyllaBackend {
+    type Store = ScyllaStore;
+
+    fn available() -> bool {
+        let available = cql::server().is_some();
+        if !available {
+            cql::skip("store conformance suite on the CQL backend");
+        }
+        available
+    }
+
+    async fn fresh() -> Self {
+        let server = cql::server().expect("ORCHARD_TEST_CQL");
+        ScyllaBackend {
+            config: cql::config(vec![server], &cql::fresh_keyspace(), 1),
+        }
+    }
+
+    async fn open(&self) -> Arc<ScyllaStore> {
+        ScyllaStore::connect(&self.config)
+            .await
+            .expect("connect to the CQL store")
+    }
+}
+
+impl Drop for ScyllaBackend {
+    fn drop(&mut self) {
+        cql::drop_keyspace(self.config.nodes.clone(), self.config.keyspace.clone());
+    }
+}
+
 /// One `#[tokio::test]` per named case, for the backend type given.
 macro_rules! conformance_cases {
     ($backend:ty; $($case:ident),+ $(,)?) => {
         $(
-            #[tokio::test]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
+                if !<$backend as Backend>::available() {
+                    return;
+                }
                 let backend = <$backend as Backend>::fresh().await;
                 cases::$case(backend).await;
             }
@@ -70,12 +120,14 @@ macro_rules! conformance_suite {
 
             conformance_cases!($backend;
                 enrollment_round_trips_and_is_overwritten_whole,
-                enrollment_ids_page_in_lexicographic_order,
+                enrollment_ids_page_in_a_stable_order_visiting_each_once,
                 certificate_binding_resolves_to_its_enrollment,
+                a_certificate_bound_elsewhere_fails_the_whole_batch,
                 command_body_is_written_once,
                 queue_lists_entries_in_seq_order,
                 queue_entry_with_the_same_seq_is_replaced,
                 removing_a_queue_entry_keeps_the_others,
+                delivered_commands_never_hide_pending_or_later_ones,
                 clearing_a_queue_affects_only_that_enrollment,
                 result_is_upserted_by_command_uuid,
                 results_are_the_newest_in_seq_order,
@@ -117,29 +169,38 @@ mod cases {
         assert_eq!(store.enrollment("device-1").await.unwrap(), Some(record));
     }
 
-    pub async fn enrollment_ids_page_in_lexicographic_order<B: Backend>(backend: B) {
+    pub async fn enrollment_ids_page_in_a_stable_order_visiting_each_once<B: Backend>(backend: B) {
         let store = backend.open().await;
-        for id in ["c", "a", "d", "aa", "b"] {
+        let ids: Vec<String> = (0..40).map(|n| format!("device-{n}")).collect();
+        for id in &ids {
             apply(&store, vec![Mutation::PutEnrollment(enrollment(id))]).await;
         }
+        // Rewriting an enrollment does not list it twice.
+        apply(
+            &store,
+            vec![Mutation::PutEnrollment(enrollment("device-7"))],
+        )
+        .await;
 
-        assert_eq!(store.enrollment_ids(None, 2).await.unwrap(), ["a", "aa"]);
+        let all = store.enrollment_ids(None, 100).await.unwrap();
+        assert_eq!(sorted(&all), sorted(&ids));
+        let mut paged = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = store.enrollment_ids(after.as_deref(), 3).await.unwrap();
+            assert!(page.len() <= 3);
+            if page.is_empty() {
+                break;
+            }
+            after = page.last().cloned();
+            paged.extend(page);
+        }
+        assert_eq!(paged, all, "pages of 3 walk the same order as one page");
         assert_eq!(
-            store.enrollment_ids(Some("aa"), 2).await.unwrap(),
-            ["b", "c"]
+            store.enrollment_ids(Some(&all[9]), 2).await.unwrap(),
+            all[10..12]
         );
-        assert_eq!(store.enrollment_ids(Some("c"), 10).await.unwrap(), ["d"]);
-        assert_eq!(store.enrollment_ids(Some("ab"), 1).await.unwrap(), ["b"]);
-        assert!(store
-            .enrollment_ids(Some("d"), 10)
-            .await
-            .unwrap()
-            .is_empty());
         assert!(store.enrollment_ids(None, 0).await.unwrap().is_empty());
-        assert_eq!(
-            store.enrollment_ids(None, 100).await.unwrap(),
-            ["a", "aa", "b", "c", "d"]
-        );
     }
 
     pub async fn certificate_binding_resolves_to_its_enrollment<B: Backend>(backend: B) {
@@ -158,12 +219,34 @@ mod cases {
             Some("device-2")
         );
 
-        // The caller decides whether rebinding is allowed; the store just records it.
-        apply(&store, vec![bind([1; 32], "device-3")]).await;
+        // Binding again to the same enrollment (a re-enrollment) is a no-op.
+        apply(&store, vec![bind([1; 32], "device-1")]).await;
         assert_eq!(
             store.cert_binding(&[1; 32]).await.unwrap().as_deref(),
-            Some("device-3")
+            Some("device-1")
         );
+    }
+
+    pub async fn a_certificate_bound_elsewhere_fails_the_whole_batch<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        apply(&store, vec![bind([1; 32], "device-1")]).await;
+
+        let outcome = store
+            .apply(vec![
+                bind([1; 32], "device-2"),
+                Mutation::PutEnrollment(enrollment("device-2")),
+            ])
+            .await;
+
+        assert!(
+            matches!(outcome, Err(StoreError::Conflict(_))),
+            "{outcome:?}"
+        );
+        assert_eq!(
+            store.cert_binding(&[1; 32]).await.unwrap().as_deref(),
+            Some("device-1")
+        );
+        assert_eq!(store.enrollment("device-2").await.unwrap(), None);
     }
 
     pub async fn command_body_is_written_once<B: Backend>(backend: B) {
@@ -208,9 +291,26 @@ mod cases {
                 .collect(),
         )
         .await;
-        apply(&store, vec![remove_entry("device-1", 2)]).await;
+        apply(&store, vec![remove_entry("device-1", 2, 1)]).await;
 
         assert_eq!(seqs(&store.queue("device-1").await.unwrap()), [1, 3]);
+    }
+
+    pub async fn delivered_commands_never_hide_pending_or_later_ones<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        let fill = (1..=6).map(|seq| put_entry("device-1", queue_entry(seq)));
+        apply(&store, fill.collect()).await;
+        // Delivered out of order (a higher priority first), then in order.
+        apply(&store, vec![remove_entry("device-1", 5, 1)]).await;
+        for seq in 1..=3 {
+            apply(&store, vec![remove_entry("device-1", seq, seq + 1)]).await;
+        }
+        apply(&store, vec![put_entry("device-1", queue_entry(10))]).await;
+
+        assert_eq!(seqs(&store.queue("device-1").await.unwrap()), [4, 6, 10]);
+        let records = store.device("device-1").await.unwrap();
+        assert_eq!(records.queue.len(), 3);
+        assert!(records.queue_floor <= 4, "floor {}", records.queue_floor);
     }
 
     pub async fn clearing_a_queue_affects_only_that_enrollment<B: Backend>(backend: B) {
@@ -447,11 +547,12 @@ mod cases {
             ],
         )
         .await;
+        let members = store.set_members("s", None, 10).await.unwrap();
+        assert_eq!(sorted(&members), ["d1", "d2", "d3"]);
         assert_eq!(
-            store.set_members("s", None, 10).await.unwrap(),
-            ["d1", "d2", "d3"]
+            store.set_members("s", Some(&members[0]), 1).await.unwrap(),
+            members[1..2]
         );
-        assert_eq!(store.set_members("s", Some("d1"), 1).await.unwrap(), ["d2"]);
         apply(
             &store,
             vec![Mutation::RemoveSetMember {
@@ -461,7 +562,7 @@ mod cases {
         )
         .await;
         assert_eq!(
-            store.set_members("s", None, 10).await.unwrap(),
+            sorted(&store.set_members("s", None, 10).await.unwrap()),
             ["d1", "d3"]
         );
         assert!(store
@@ -481,6 +582,9 @@ mod cases {
             enrollment_id: id.into(),
             timeline: timeline.to_vec(),
         };
+        // A DDM state belongs to an enrollment; d3 is enrolled and has none.
+        let enroll = ["d1", "d2", "d3"].map(|id| Mutation::PutEnrollment(enrollment(id)));
+        apply(&store, enroll.to_vec()).await;
         apply(&store, vec![put("d1", b"one"), put("d2", b"two")]).await;
         apply(&store, vec![put("d1", b"uno"), timeline("d1", b"events")]).await;
         let ddm = |state: &[u8], timeline: Option<&[u8]>| DdmRecord {
@@ -493,23 +597,39 @@ mod cases {
         );
         assert_eq!(store.device("d2").await.unwrap().ddm, ddm(b"two", None));
         assert_eq!(store.device("d3").await.unwrap().ddm, DdmRecord::default());
-        let page = store
+
+        let all = store
+            .ddm_states(None, 10, DdmRows::StateAndTimeline)
+            .await
+            .unwrap();
+        let by_id: std::collections::BTreeMap<_, _> = all.iter().cloned().collect();
+        assert_eq!(
+            by_id,
+            [
+                ("d1".to_string(), ddm(b"uno", Some(b"events"))),
+                ("d2".to_string(), ddm(b"two", None))
+            ]
+            .into()
+        );
+        let first = store
             .ddm_states(None, 1, DdmRows::StateAndTimeline)
             .await
             .unwrap();
-        assert_eq!(page, [("d1".to_string(), ddm(b"uno", Some(b"events")))]);
+        assert_eq!(first, all[..1]);
         let rest = store
-            .ddm_states(Some("d1"), 10, DdmRows::StateAndTimeline)
+            .ddm_states(Some(&all[0].0), 10, DdmRows::StateAndTimeline)
             .await
             .unwrap();
-        assert_eq!(rest, [("d2".to_string(), ddm(b"two", None))]);
+        assert_eq!(rest, all[1..]);
         let states_only = store.ddm_states(None, 10, DdmRows::State).await.unwrap();
+        let states_only: std::collections::BTreeMap<_, _> = states_only.into_iter().collect();
         assert_eq!(
             states_only,
             [
                 ("d1".to_string(), ddm(b"uno", None)),
                 ("d2".to_string(), ddm(b"two", None))
             ]
+            .into()
         );
     }
 
@@ -697,7 +817,7 @@ mod cases {
         assert!(store.push_certs().await.unwrap().is_empty());
 
         // Removing what is not there is not an error.
-        apply(&store, vec![remove_entry("nobody", 1)]).await;
+        apply(&store, vec![remove_entry("nobody", 1, 2)]).await;
     }
 }
 
@@ -832,11 +952,20 @@ fn put_entry(enrollment_id: &str, entry: QueueEntry) -> Mutation {
     }
 }
 
-fn remove_entry(enrollment_id: &str, seq: u64) -> Mutation {
+fn remove_entry(enrollment_id: &str, seq: u64, pending_from: u64) -> Mutation {
     Mutation::RemoveQueueEntry {
         enrollment_id: enrollment_id.to_owned(),
         seq,
+        pending_from,
     }
+}
+
+fn sorted(ids: &[String]) -> Vec<String> {
+    ids.iter()
+        .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
 }
 
 fn clear_queue(enrollment_id: &str) -> Mutation {
@@ -882,3 +1011,4 @@ async fn embedded_store_commits_concurrent_batches_in_groups() {
 }
 
 conformance_suite!(embedded, EmbeddedBackend);
+conformance_suite!(scylla, ScyllaBackend);

@@ -445,6 +445,7 @@ impl DeviceActor {
                 batch.push(Mutation::RemoveQueueEntry {
                     enrollment_id: id.clone(),
                     seq: entry.seq,
+                    pending_from: loaded.queue.pending_from(),
                 });
             }
             (_, None) => {}
@@ -610,7 +611,7 @@ impl DeviceActor {
                 .collect();
             Ok::<_, crate::store::StoreError>((
                 records.enrollment,
-                CommandQueue::from_pending(pending),
+                CommandQueue::from_pending(pending, records.queue_floor),
                 ddm,
             ))
         };
@@ -837,16 +838,20 @@ impl Handler<Cancel> for DeviceActor {
     fn handle(&mut self, msg: Cancel, _: &mut Context<Self>) -> Self::Result {
         self.touch();
         let removed = match self.loaded() {
-            Ok(loaded) => loaded.queue.remove(&msg.command_uuid),
+            Ok(loaded) => loaded
+                .queue
+                .remove(&msg.command_uuid)
+                .map(|pending| (pending, loaded.queue.pending_from())),
             Err(e) => return Self::immediate(Err(e)),
         };
         match removed {
-            Some(pending) => {
+            Some((pending, pending_from)) => {
                 metrics::gauge!("orchard_queue_depth").decrement(1.0);
                 tracing::info!(enrollment_id = %self.id, command_uuid = %msg.command_uuid, "command cancelled");
                 let mut batch = vec![Mutation::RemoveQueueEntry {
                     enrollment_id: self.id.clone(),
                     seq: pending.entry.seq,
+                    pending_from,
                 }];
                 self.clear_wake_if_done(&mut batch);
                 self.commit(batch, true)

@@ -184,6 +184,7 @@ impl DeviceActor {
                 batch.push(Mutation::RemoveQueueEntry {
                     enrollment_id: id.clone(),
                     seq: removed.entry.seq,
+                    pending_from: loaded.queue.pending_from(),
                 });
                 metrics::gauge!("orchard_queue_depth").decrement(1.0);
             }

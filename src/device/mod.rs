@@ -103,7 +103,11 @@ impl DeviceError {
 
 impl From<StoreError> for DeviceError {
     fn from(e: StoreError) -> Self {
-        DeviceError::Store(e.to_string())
+        match e {
+            // Only certificate bindings are conditional: another device won the race.
+            StoreError::Conflict(_) => DeviceError::CertificateBoundElsewhere,
+            e => DeviceError::Store(e.to_string()),
+        }
     }
 }
 

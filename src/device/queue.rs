@@ -29,14 +29,19 @@ pub struct CommandQueue {
     pending: Vec<Pending>,
     /// The command most recently handed to the device and not answered yet.
     in_flight: Option<u64>,
+    /// Every sequence number below this one was used and is gone; a new entry never
+    /// takes one of them, so a backend may start its queue reads here.
+    floor: u64,
 }
 
 impl CommandQueue {
-    pub fn from_pending(mut pending: Vec<Pending>) -> Self {
+    /// The queue as loaded: its entries and the floor the store recorded (0 if none).
+    pub fn from_pending(mut pending: Vec<Pending>, floor: u64) -> Self {
         pending.sort_by(|a, b| delivery_order(&a.entry, &b.entry));
         CommandQueue {
             pending,
             in_flight: None,
+            floor,
         }
     }
 
@@ -56,7 +61,17 @@ impl CommandQueue {
     /// already queued, even if the clock went backwards.
     pub fn next_seq(&self, clock_seq: u64) -> u64 {
         let max_queued = self.pending.iter().map(|p| p.entry.seq).max().unwrap_or(0);
-        clock_seq.max(max_queued + 1)
+        clock_seq.max(max_queued + 1).max(self.floor)
+    }
+
+    /// The lowest sequence number that may still be pending: the smallest queued one,
+    /// or the floor when the queue is empty (`Mutation::RemoveQueueEntry::pending_from`).
+    pub fn pending_from(&self) -> u64 {
+        self.pending
+            .iter()
+            .map(|p| p.entry.seq)
+            .min()
+            .unwrap_or(self.floor)
     }
 
     /// Insert keeping delivery order. A command UUID already queued is not queued twice.
@@ -78,6 +93,7 @@ impl CommandQueue {
     /// Remove the command (answered or cancelled) and return it.
     pub fn remove(&mut self, command_uuid: &str) -> Option<Pending> {
         let removed = self.pending.remove(self.position(command_uuid)?);
+        self.floor = self.floor.max(removed.entry.seq + 1);
         if self.in_flight == Some(removed.entry.seq) {
             self.in_flight = None;
         }
@@ -85,6 +101,8 @@ impl CommandQueue {
     }
 
     pub fn clear(&mut self) {
+        let max_queued = self.pending.iter().map(|p| p.entry.seq + 1).max();
+        self.floor = self.floor.max(max_queued.unwrap_or(0));
         self.pending.clear();
         self.in_flight = None;
     }
@@ -175,7 +193,7 @@ mod tests {
 
     #[test]
     fn commands_go_out_first_in_first_out_within_a_priority() {
-        let mut q = CommandQueue::from_pending(vec![pending("b", 2, 0), pending("a", 1, 0)]);
+        let mut q = CommandQueue::from_pending(vec![pending("b", 2, 0), pending("a", 1, 0)], 0);
         assert_eq!(next_uuid(&mut q, false).as_deref(), Some("a"));
         q.remove("a");
         assert_eq!(next_uuid(&mut q, false).as_deref(), Some("b"));
@@ -202,7 +220,7 @@ mod tests {
 
     #[test]
     fn answering_not_now_skips_every_command_already_answered_not_now() {
-        let mut q = CommandQueue::from_pending(vec![pending("a", 1, 0), pending("b", 2, 0)]);
+        let mut q = CommandQueue::from_pending(vec![pending("a", 1, 0), pending("b", 2, 0)], 0);
         q.next(false);
         q.mark_not_now("a", 100);
         assert_eq!(next_uuid(&mut q, true).as_deref(), Some("b"));
@@ -216,7 +234,7 @@ mod tests {
 
     #[test]
     fn any_other_report_makes_not_now_commands_eligible_again() {
-        let mut q = CommandQueue::from_pending(vec![pending("a", 1, 0)]);
+        let mut q = CommandQueue::from_pending(vec![pending("a", 1, 0)], 0);
         q.mark_not_now("a", 100);
         assert_eq!(next_uuid(&mut q, false).as_deref(), Some("a"));
         assert_eq!(q.get("a").unwrap().entry.not_now_count, 1);
@@ -224,7 +242,7 @@ mod tests {
 
     #[test]
     fn repeated_unparseable_results_park_the_command_so_the_queue_moves_on() {
-        let mut q = CommandQueue::from_pending(vec![pending("bad", 1, 0), pending("ok", 2, 0)]);
+        let mut q = CommandQueue::from_pending(vec![pending("bad", 1, 0), pending("ok", 2, 0)], 0);
         for attempt in 1..=PARK_AFTER_UNPARSEABLE_RESULTS {
             assert_eq!(next_uuid(&mut q, false).as_deref(), Some("bad"));
             let entry = q.mark_unparseable_result().unwrap();
@@ -236,15 +254,37 @@ mod tests {
 
     #[test]
     fn an_unparseable_result_with_nothing_in_flight_changes_nothing() {
-        let mut q = CommandQueue::from_pending(vec![pending("a", 1, 0)]);
+        let mut q = CommandQueue::from_pending(vec![pending("a", 1, 0)], 0);
         assert!(q.mark_unparseable_result().is_none());
         assert_eq!(q.get("a").unwrap().entry.unparseable_results, 0);
     }
 
     #[test]
     fn new_sequence_numbers_stay_after_the_queue_even_if_the_clock_goes_back() {
-        let q = CommandQueue::from_pending(vec![pending("a", 500, 0)]);
+        let q = CommandQueue::from_pending(vec![pending("a", 500, 0)], 0);
         assert_eq!(q.next_seq(10), 501);
         assert_eq!(q.next_seq(900), 900);
+    }
+
+    #[test]
+    fn removed_sequence_numbers_are_never_taken_again_and_reads_may_start_past_them() {
+        let mut q = CommandQueue::from_pending(vec![pending("a", 7, 0), pending("b", 9, 9)], 0);
+        assert_eq!(q.pending_from(), 7);
+        q.remove("b");
+        assert_eq!(q.pending_from(), 7, "a is still pending");
+        q.remove("a");
+        assert_eq!(q.pending_from(), 10, "empty: past the highest removed");
+        assert_eq!(
+            q.next_seq(3),
+            10,
+            "a clock that went back cannot reuse them"
+        );
+    }
+
+    #[test]
+    fn a_loaded_floor_holds_after_reactivation() {
+        let q = CommandQueue::from_pending(Vec::new(), 40);
+        assert_eq!(q.pending_from(), 40);
+        assert_eq!(q.next_seq(5), 40);
     }
 }

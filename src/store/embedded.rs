@@ -481,6 +481,8 @@ impl Store for EmbeddedStore {
             Ok(DeviceRecords {
                 enrollment: read_row(snapshot, ENROLLMENTS, "enrollment", &id)?,
                 queue,
+                // Removed entries leave no markers here: reads need no floor.
+                queue_floor: 0,
                 ddm: read_ddm(snapshot, &id)?,
             })
         })
@@ -540,6 +542,10 @@ impl Store for EmbeddedStore {
             decode_all(snapshot, PUSH_CERTS, "push certificate")
         })
         .await
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.read("ping", |_| Ok(())).await
     }
 }
 
@@ -655,9 +661,9 @@ impl EncodedMutation {
                 enrollment_id,
                 seq: entry.seq,
             },
-            Mutation::RemoveQueueEntry { enrollment_id, seq } => {
-                EncodedMutation::RemoveQueueEntry { enrollment_id, seq }
-            }
+            Mutation::RemoveQueueEntry {
+                enrollment_id, seq, ..
+            } => EncodedMutation::RemoveQueueEntry { enrollment_id, seq },
             Mutation::ClearQueue { enrollment_id } => EncodedMutation::ClearQueue { enrollment_id },
             Mutation::PutResult {
                 enrollment_id,
@@ -814,7 +820,7 @@ impl GroupWriter {
         let outcome = write_group(&self.db, &group);
         let elapsed = started.elapsed();
         match &outcome {
-            Ok(()) => {
+            Ok(_) => {
                 self.commits.fetch_add(1, Ordering::Relaxed);
                 counter!("orchard_store_commits_total").increment(1);
                 histogram!("orchard_store_group_size").record(group.len() as f64);
@@ -826,25 +832,44 @@ impl GroupWriter {
             }
             Err(err) => error!(batches = group.len(), %err, "store group commit failed"),
         }
-        for request in group {
+        let outcomes = match outcome {
+            Ok(per_batch) => per_batch,
+            Err(err) => vec![Err(err); group.len()],
+        };
+        for (request, outcome) in group.into_iter().zip(outcomes) {
             // A waiter that gave up (its future was dropped) needs no answer.
-            let _ = request.reply.send(outcome.clone());
+            let _ = request.reply.send(outcome);
         }
     }
 }
 
-/// Apply every batch of `group` in one durable transaction, or none of them.
-fn write_group(db: &Database, group: &[WriteRequest]) -> StoreResult<()> {
+/// Apply the batches of `group` in one durable transaction, or none of them. A batch
+/// that would bind a certificate already bound to another enrollment is left out and
+/// answered [`StoreError::Conflict`]; the others commit.
+fn write_group(db: &Database, group: &[WriteRequest]) -> StoreResult<Vec<StoreResult<()>>> {
     let mut transaction = db.begin_write().map_err(backend_error)?;
     transaction.set_durability(Durability::Immediate);
     let applied = WriteTables::open(&transaction).and_then(|mut tables| {
         group
             .iter()
-            .flat_map(|request| &request.mutations)
-            .try_for_each(|mutation| tables.apply(mutation))
+            .map(
+                |request| match tables.binding_conflict(&request.mutations)? {
+                    Some(conflict) => Ok(Err(conflict)),
+                    None => {
+                        for mutation in &request.mutations {
+                            tables.apply(mutation)?;
+                        }
+                        Ok(Ok(()))
+                    }
+                },
+            )
+            .collect::<StoreResult<Vec<_>>>()
     });
     match applied {
-        Ok(()) => transaction.commit().map_err(backend_error),
+        Ok(per_batch) => transaction
+            .commit()
+            .map(|()| per_batch)
+            .map_err(backend_error),
         Err(err) => {
             if let Err(abort_err) = transaction.abort() {
                 warn!(%abort_err, "store transaction abort failed");
@@ -1004,6 +1029,27 @@ impl<'txn> WriteTables<'txn> {
             } => self.append_report(enrollment_id, value, *keep)?,
         }
         Ok(())
+    }
+
+    /// The first certificate binding of `mutations` that another enrollment holds.
+    fn binding_conflict(&self, mutations: &[EncodedMutation]) -> StoreResult<Option<StoreError>> {
+        for mutation in mutations {
+            let EncodedMutation::BindCertificate {
+                fingerprint,
+                enrollment_id,
+            } = mutation
+            else {
+                continue;
+            };
+            let holder = self.cert_bindings.get(fingerprint).map_err(backend_error)?;
+            if let Some(holder) = holder.filter(|h| h.value() != enrollment_id) {
+                return Ok(Some(StoreError::Conflict(format!(
+                    "certificate already bound to enrollment {}",
+                    holder.value()
+                ))));
+            }
+        }
+        Ok(None)
     }
 
     /// Number the report after the newest kept one, then drop the oldest beyond `keep`.

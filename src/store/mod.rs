@@ -14,6 +14,7 @@
 //! HTTP layer answers 2xx only after that, so a `kill -9` loses nothing acknowledged.
 
 pub mod embedded;
+pub mod scylla;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -167,8 +168,10 @@ pub struct DeclarationSet {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Mutation {
     PutEnrollment(EnrollmentRecord),
-    /// Certificate hash -> enrollment id index. The caller refuses a hash already bound
-    /// to another enrollment (protocol.md §2.5) before writing; the store overwrites.
+    /// Certificate hash -> enrollment id index (protocol.md §2.5): one certificate, one
+    /// enrollment. Binding a hash already bound to the same enrollment is a no-op; a hash
+    /// bound to another enrollment fails the whole batch with [`StoreError::Conflict`], so
+    /// two devices racing for one certificate through different nodes cannot both win.
     BindCertificate {
         fingerprint: CertFingerprint,
         enrollment_id: String,
@@ -184,6 +187,11 @@ pub enum Mutation {
     RemoveQueueEntry {
         enrollment_id: String,
         seq: u64,
+        /// The lowest `seq` still pending after this removal (or one past the removed
+        /// entry when the queue is now empty). Backends that keep delete markers start
+        /// queue reads here, so a device that received 10,000 commands does not read
+        /// 10,000 markers to find an empty queue.
+        pending_from: u64,
     },
     /// Remove every queue entry of the enrollment (re-enrollment).
     ClearQueue {
@@ -250,6 +258,9 @@ pub struct DeviceRecords {
     /// The pending queue in `seq` order, each entry with its command body (`None`: the
     /// body is missing, which the actor logs and skips).
     pub queue: Vec<(QueueEntry, Option<StoredCommand>)>,
+    /// The last `pending_from` the store recorded for the queue (0 if it keeps none):
+    /// the actor never allocates a sequence number below it.
+    pub queue_floor: u64,
     pub ddm: DdmRecord,
 }
 
@@ -296,6 +307,13 @@ pub enum StoreError {
     Corrupt(String),
     #[error("store is shutting down")]
     Closed,
+    /// A conditional write lost: the row already holds another owner's value.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The store could not be reached in time (outage, overload): nothing was
+    /// acknowledged, and the caller may retry.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -308,7 +326,10 @@ pub trait Store: Send + Sync + 'static {
     async fn apply(&self, batch: Vec<Mutation>) -> StoreResult<()>;
 
     async fn enrollment(&self, id: &str) -> StoreResult<Option<EnrollmentRecord>>;
-    /// Enrollment ids in lexicographic order, strictly after `after`, at most `limit`.
+    /// Enrollment ids in the store's page order, strictly after `after`, at most `limit`.
+    /// The order is stable and total, so paging with the last id of a page visits every
+    /// enrollment once; the embedded store pages in id order, a partitioned one bucket by
+    /// bucket.
     async fn enrollment_ids(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<String>>;
     async fn cert_binding(&self, fingerprint: &CertFingerprint) -> StoreResult<Option<String>>;
     async fn command(&self, command_uuid: &str) -> StoreResult<Option<StoredCommand>>;
@@ -328,7 +349,8 @@ pub trait Store: Send + Sync + 'static {
     /// The whole declaration catalog (small: it is loaded into memory at startup).
     async fn declarations(&self) -> StoreResult<Vec<DeclarationRecord>>;
     async fn sets(&self) -> StoreResult<Vec<DeclarationSet>>;
-    /// Enrollments assigned `set`, in id order, strictly after `after`, at most `limit`.
+    /// Enrollments assigned `set`, in the store's page order (as for
+    /// [`Store::enrollment_ids`]), strictly after `after`, at most `limit`.
     async fn set_members(
         &self,
         set: &str,
@@ -337,9 +359,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<String>>;
     /// Everything the enrollment's actor needs to activate, from one snapshot.
     async fn device(&self, id: &str) -> StoreResult<DeviceRecords>;
-    /// DDM rows of enrollments that have a DDM state, in enrollment-id order, strictly
-    /// after `after`, at most `limit` (fleet views page through them); the timelines only
-    /// when asked for.
+    /// DDM rows of enrollments that have a DDM state, in the page order of
+    /// [`Store::enrollment_ids`], strictly after `after`, at most `limit` (fleet views page
+    /// through them); the timelines only when asked for.
     async fn ddm_states(
         &self,
         after: Option<&str>,
@@ -348,4 +370,6 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<(String, DdmRecord)>>;
     /// The enrollment's kept raw status reports, oldest first.
     async fn ddm_reports(&self, enrollment_id: &str) -> StoreResult<Vec<StoredReport>>;
+    /// Whether the store answers now (readiness), at the cost of one small read.
+    async fn ping(&self) -> StoreResult<()>;
 }

@@ -1,0 +1,424 @@
+//! Reads: a device's partition, point lookups, shared state, and paging through the
+//! bucketed indexes. Pages run bucket after bucket (the store's page order is
+//! `(bucket, id)`; a page's last id names the bucket to continue in), a few buckets
+//! fetched ahead so a sparse index does not cost one round trip per empty bucket.
+
+use std::future::Future;
+
+use futures_util::{stream, StreamExt, TryStreamExt};
+use serde::de::DeserializeOwned;
+
+use super::rows::{self, section, NumberedReport};
+use super::{backend, ScyllaStore};
+use crate::store::{
+    CommandResult, DdmRecord, DdmRows, DeviceRecords, EnrollmentRecord, QueueEntry, StoreError,
+    StoreResult, StoredCommand,
+};
+
+/// Kinds of `shared_state` rows.
+pub(super) const PUSH_CERT: &str = "push_cert";
+pub(super) const DECLARATION: &str = "declaration";
+pub(super) const SET: &str = "set";
+
+/// Buckets read ahead while filling a page.
+const BUCKETS_AHEAD: usize = 4;
+/// Command bodies and DDM rows fetched at once for one page or one activation.
+const FETCH_AHEAD: usize = 32;
+
+/// What one read cost on the replicas, from the database's own query trace.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReadTrace {
+    /// Live rows the replicas read.
+    pub live_rows: u64,
+    /// Delete markers (tombstone cells, dead rows, range tombstones) they stepped over.
+    pub tombstones: u64,
+    /// The trace's events, as the database wrote them.
+    pub events: Vec<String>,
+}
+
+impl ReadTrace {
+    /// Sum the read statistics of trace events: Cassandra's "Read N live rows and M
+    /// tombstone cells", and ScyllaDB's page statistics "(N live, M dead)" per row kind
+    /// and "K range tombstone(s)".
+    pub fn from_events(events: Vec<String>) -> ReadTrace {
+        let mut trace = ReadTrace::default();
+        for event in &events {
+            if let Some(rest) = event.strip_prefix("Read ") {
+                let numbers = leading_numbers(rest);
+                if let [live, tombstones, ..] = numbers[..] {
+                    trace.live_rows += live;
+                    trace.tombstones += tombstones;
+                }
+            } else if event.starts_with("Page stats") {
+                for part in event.split('(').skip(1) {
+                    if let [live, dead, ..] = leading_numbers(part)[..] {
+                        if part.contains("live") && part.contains("dead") {
+                            trace.live_rows += live;
+                            trace.tombstones += dead;
+                        }
+                    }
+                }
+                if let Some(before) = event.split(" range tombstone").next() {
+                    trace.tombstones += before
+                        .rsplit(' ')
+                        .next()
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .unwrap_or(0);
+                }
+            }
+        }
+        trace.events = events;
+        trace
+    }
+}
+
+/// The whole numbers in `text`, in order.
+fn leading_numbers(text: &str) -> Vec<u64> {
+    text.split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+/// The rows before a device's queue: its enrollment, queue head, DDM rows and wake.
+#[derive(Default)]
+struct DeviceHead {
+    enrollment: Option<Vec<u8>>,
+    queue_head: u64,
+    ddm: DdmRecord,
+}
+
+impl ScyllaStore {
+    pub(super) async fn read_enrollment(&self, id: &str) -> StoreResult<Option<EnrollmentRecord>> {
+        let value = self
+            .blob(
+                "enrollment",
+                &self.statements.device_row,
+                (id, section::ENROLLMENT, 0_i64),
+            )
+            .await?;
+        value
+            .map(|v| rows::decode("enrollment", id, &v))
+            .transpose()
+    }
+
+    pub(super) async fn read_command(&self, uuid: &str) -> StoreResult<Option<StoredCommand>> {
+        let value = self
+            .blob("command", &self.statements.command, (uuid,))
+            .await?;
+        value.map(|v| rows::decode("command", uuid, &v)).transpose()
+    }
+
+    pub(super) async fn queue_head(&self, id: &str) -> StoreResult<u64> {
+        let value = self
+            .blob(
+                "queue",
+                &self.statements.device_row,
+                (id, section::ENROLLMENT, rows::QUEUE_HEAD_SEQ),
+            )
+            .await?;
+        value.map_or(Ok(0), |v| rows::decode_head(&v))
+    }
+
+    /// The pending entries from `head` on: the slice starts past every delete marker
+    /// that delivered commands left.
+    pub(super) async fn read_queue(&self, id: &str, head: u64) -> StoreResult<Vec<QueueEntry>> {
+        let values: Vec<(Vec<u8>,)> = self
+            .rows(
+                "queue",
+                &self.statements.device_queue,
+                (id, rows::seq_to_cql(head)),
+            )
+            .await?;
+        values
+            .iter()
+            .map(|(v,)| rows::decode("queue entry", id, v))
+            .collect()
+    }
+
+    /// Read the device's queue as [`Store::queue`](crate::store::Store::queue) does, with
+    /// query tracing on: how many delete markers the replicas stepped over to answer.
+    pub async fn trace_queue_read(&self, id: &str) -> StoreResult<ReadTrace> {
+        let head = self.queue_head(id).await?;
+        let mut traced = self.statements.device_queue.clone();
+        traced.set_tracing(true);
+        let result = self
+            .execute("queue_trace", &traced, (id, rows::seq_to_cql(head)))
+            .await?;
+        let tracing_id = result
+            .tracing_id()
+            .ok_or_else(|| StoreError::Backend("the database returned no trace".into()))?;
+        let info = self
+            .session
+            .get_tracing_info(&tracing_id)
+            .await
+            .map_err(backend)?;
+        Ok(ReadTrace::from_events(
+            info.events.into_iter().filter_map(|e| e.activity).collect(),
+        ))
+    }
+
+    pub(super) async fn read_results(
+        &self,
+        id: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<CommandResult>> {
+        let values: Vec<(Vec<u8>,)> = self
+            .rows("results", &self.statements.results, (id,))
+            .await?;
+        let mut results = values
+            .iter()
+            .map(|(v,)| rows::decode::<CommandResult>("result", id, v))
+            .collect::<StoreResult<Vec<_>>>()?;
+        results.sort_by(|a, b| a.seq.cmp(&b.seq).then(a.command_uuid.cmp(&b.command_uuid)));
+        let skip = results.len().saturating_sub(limit);
+        Ok(results.split_off(skip))
+    }
+
+    pub(super) async fn read_shared_kind<T: DeserializeOwned>(
+        &self,
+        kind: &str,
+    ) -> StoreResult<Vec<T>> {
+        let values: Vec<(Vec<u8>,)> = self
+            .rows("shared_state", &self.statements.shared_kind, (kind,))
+            .await?;
+        values
+            .iter()
+            .map(|(v,)| rows::decode(kind, "", v))
+            .collect()
+    }
+
+    pub(super) async fn read_shared_one<T: DeserializeOwned>(
+        &self,
+        kind: &str,
+        name: &str,
+    ) -> StoreResult<Option<T>> {
+        let value = self
+            .blob("shared_state", &self.statements.shared_one, (kind, name))
+            .await?;
+        value.map(|v| rows::decode(kind, name, &v)).transpose()
+    }
+
+    /// Everything an actor loads: the head rows, then the queue from the head, then the
+    /// bodies of its commands.
+    pub(super) async fn read_device(&self, id: &str) -> StoreResult<DeviceRecords> {
+        let head = self.read_head(id, section::HEAD_END).await?;
+        let queue = self.read_queue(id, head.queue_head).await?;
+        let queue = stream::iter(queue)
+            .map(|entry| async move {
+                let body = self.read_command(&entry.command_uuid).await?;
+                StoreResult::Ok((entry, body))
+            })
+            .buffered(FETCH_AHEAD)
+            .try_collect()
+            .await?;
+        Ok(DeviceRecords {
+            enrollment: head
+                .enrollment
+                .map(|v| rows::decode("enrollment", id, &v))
+                .transpose()?,
+            queue,
+            queue_floor: head.queue_head,
+            ddm: head.ddm,
+        })
+    }
+
+    /// The device's rows in sections below `end`.
+    async fn read_head(&self, id: &str, end: i8) -> StoreResult<DeviceHead> {
+        let found: Vec<(i8, i64, Vec<u8>)> = self
+            .rows("device", &self.statements.device_head, (id, end))
+            .await?;
+        let mut head = DeviceHead::default();
+        for (sec, seq, value) in found {
+            match (sec, seq) {
+                (section::ENROLLMENT, 0) => head.enrollment = Some(value),
+                (section::ENROLLMENT, rows::QUEUE_HEAD_SEQ) => {
+                    head.queue_head = rows::decode_head(&value)?
+                }
+                (section::DDM_STATE, _) => head.ddm.state = Some(value),
+                (section::DDM_TIMELINE, _) => head.ddm.timeline = Some(value),
+                _ => {}
+            }
+        }
+        Ok(head)
+    }
+
+    /// The kept status reports as `(slot, numbered report)`, in slot order.
+    pub(super) async fn read_reports(&self, id: &str) -> StoreResult<Vec<(i64, NumberedReport)>> {
+        let found: Vec<(i64, Vec<u8>)> = self
+            .rows(
+                "ddm_reports",
+                &self.statements.device_section,
+                (id, section::REPORTS),
+            )
+            .await?;
+        found
+            .into_iter()
+            .map(|(slot, v)| Ok((slot, rows::decode("status report", id, &v)?)))
+            .collect()
+    }
+
+    pub(super) async fn page_enrollments(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<String>> {
+        page_buckets(rows::ENROLLMENT_BUCKETS, after, limit, |bucket, from| {
+            self.index_page(
+                &self.statements.enrollment_index_page,
+                None,
+                bucket,
+                from,
+                limit,
+            )
+        })
+        .await
+    }
+
+    pub(super) async fn page_set_members(
+        &self,
+        set: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<String>> {
+        page_buckets(rows::SET_MEMBER_BUCKETS, after, limit, |bucket, from| {
+            self.index_page(
+                &self.statements.set_member_page,
+                Some(set),
+                bucket,
+                from,
+                limit,
+            )
+        })
+        .await
+    }
+
+    /// Ids of one index bucket after `from`; `set` names the set for `set_members`.
+    async fn index_page(
+        &self,
+        statement: &scylla::statement::prepared::PreparedStatement,
+        set: Option<&str>,
+        bucket: i32,
+        from: String,
+        limit: usize,
+    ) -> StoreResult<Vec<String>> {
+        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+        let ids: Vec<(String,)> = match set {
+            Some(set) => {
+                self.rows("set_members", statement, (set, bucket, from, limit))
+                    .await?
+            }
+            None => {
+                self.rows("enrollment_ids", statement, (bucket, from, limit))
+                    .await?
+            }
+        };
+        Ok(ids.into_iter().map(|(id,)| id).collect())
+    }
+
+    /// DDM rows of enrollments that have a state, walking the enrollment index.
+    pub(super) async fn page_ddm_states(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        which: DdmRows,
+    ) -> StoreResult<Vec<(String, DdmRecord)>> {
+        let end = match which {
+            DdmRows::State => section::DDM_TIMELINE,
+            DdmRows::StateAndTimeline => section::WAKE,
+        };
+        let mut found = Vec::new();
+        let mut cursor = after.map(str::to_string);
+        while found.len() < limit {
+            let ids = self.page_enrollments(cursor.as_deref(), limit).await?;
+            let exhausted = ids.len() < limit;
+            cursor = ids.last().cloned();
+            let heads: Vec<(String, DeviceHead)> = stream::iter(ids)
+                .map(|id| async move {
+                    let head = self.read_head(&id, end).await?;
+                    StoreResult::Ok((id, head))
+                })
+                .buffered(FETCH_AHEAD)
+                .try_collect()
+                .await?;
+            found.extend(
+                heads
+                    .into_iter()
+                    .filter(|(_, head)| head.ddm.state.is_some())
+                    .map(|(id, head)| (id, head.ddm)),
+            );
+            if exhausted {
+                break;
+            }
+        }
+        found.truncate(limit);
+        Ok(found)
+    }
+}
+
+/// Fill a page of at most `limit` ids from consecutive buckets, starting in the bucket
+/// of `after` (strictly after it) or in bucket 0.
+async fn page_buckets<F, Fut>(
+    buckets: i32,
+    after: Option<&str>,
+    limit: usize,
+    page: F,
+) -> StoreResult<Vec<String>>
+where
+    F: Fn(i32, String) -> Fut,
+    Fut: Future<Output = StoreResult<Vec<String>>>,
+{
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let start = after.map_or(0, |id| rows::bucket(id, buckets));
+    let mut pages = stream::iter(start..buckets)
+        .map(|bucket| {
+            let from = if bucket == start {
+                after.unwrap_or("")
+            } else {
+                ""
+            };
+            page(bucket, from.to_string())
+        })
+        .buffered(BUCKETS_AHEAD);
+    let mut ids = Vec::new();
+    while let Some(found) = pages.next().await {
+        ids.extend(found?);
+        if ids.len() >= limit {
+            ids.truncate(limit);
+            break;
+        }
+    }
+    Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cassandra_read_statistics_are_summed_over_replicas() {
+        let trace = ReadTrace::from_events(vec![
+            "Executing single-partition query on devices".into(),
+            "Read 2 live rows and 0 tombstone cells".into(),
+            "Read 2 live rows and 10000 tombstone cells".into(),
+        ]);
+        assert_eq!((trace.live_rows, trace.tombstones), (4, 10_000));
+        assert_eq!(trace.events.len(), 3);
+    }
+
+    #[test]
+    fn scylla_page_statistics_count_dead_rows_and_range_tombstones() {
+        let trace = ReadTrace::from_events(vec![
+            "Page stats: 1 partition(s), 0 static row(s) (0 live, 0 dead), 3 clustering row(s) (2 live, 1 dead) and 4 range tombstone(s)".into(),
+        ]);
+        assert_eq!((trace.live_rows, trace.tombstones), (2, 5));
+    }
+
+    #[test]
+    fn events_without_statistics_count_nothing() {
+        let trace =
+            ReadTrace::from_events(vec!["Parsing SELECT".into(), "Request complete".into()]);
+        assert_eq!((trace.live_rows, trace.tombstones), (0, 0));
+    }
+}

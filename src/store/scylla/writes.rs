@@ -1,0 +1,473 @@
+//! [`Store::apply`](crate::store::Store::apply) on CQL: a batch becomes up to four
+//! phases, each finished before the next starts, so that a crash between two of them
+//! leaves only half-states nobody can see (ARCHITECTURE.md, "Crash half-states"):
+//!
+//! 1. certificate bindings, as lightweight transactions (one enrollment per certificate);
+//! 2. rows other rows refer to or are found by: command bodies (write-once), results,
+//!    the enrollment index, set-membership additions, re-push hints, shared state;
+//! 3. each device's own rows (enrollment, queue, DDM, wake, reports) as one
+//!    single-partition batch: atomic and isolated on every replica;
+//! 4. set-membership removals, after the state that no longer names the set.
+//!
+//! Planning ([`Plan::of`]) is pure; only [`ScyllaStore::apply_batch`] talks to the cluster.
+
+use std::collections::{BTreeMap, HashMap};
+
+use futures_util::future::try_join_all;
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
+use scylla::value::CqlValue;
+
+use super::reads::{DECLARATION, PUSH_CERT, SET};
+use super::rows::{self, section, NumberedReport};
+use super::{lwt_row, unavailable, ScyllaStore};
+use crate::store::{CertFingerprint, Mutation, StoreError, StoreResult, WakeEntry};
+
+/// Which prepared statement a planned write runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Stmt {
+    PutDeviceRow,
+    DeleteDeviceRow,
+    DeleteDeviceSection,
+    PutEnrollmentIndex,
+    PutCommand,
+    PutResult,
+    PutShared,
+    DeleteShared,
+    PutSetMember,
+    DeleteSetMember,
+    PutWake,
+    PutWakeMinute,
+}
+
+/// One planned statement with its bound values (in the statement's order).
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct Write {
+    pub stmt: Stmt,
+    pub values: Vec<CqlValue>,
+}
+
+fn text(s: &str) -> CqlValue {
+    CqlValue::Text(s.to_string())
+}
+
+/// The report slots a device holds now: `(slot, report number)`.
+pub(super) type ReportSlots = Vec<(i64, u64)>;
+
+/// A batch, split into its phases.
+#[derive(Debug, Default)]
+pub(super) struct Plan {
+    pub bindings: Vec<(CertFingerprint, String)>,
+    pub before: Vec<Write>,
+    /// Per enrollment, its rows in mutation order.
+    pub devices: BTreeMap<String, Vec<Write>>,
+    pub after: Vec<Write>,
+}
+
+/// Hands out the planned writes' timestamps in mutation order.
+struct Stamps {
+    next: i64,
+    write_once: i64,
+}
+
+impl Stamps {
+    fn take(&mut self) -> CqlValue {
+        self.next += 1;
+        CqlValue::BigInt(self.next - 1)
+    }
+}
+
+impl Plan {
+    /// Plan `batch`; timestamps start at `first_stamp` and grow by one per write;
+    /// `reports` holds the report slots of every enrollment the batch appends a report to.
+    pub fn of(
+        batch: Vec<Mutation>,
+        first_stamp: i64,
+        write_once_stamp: i64,
+        mut reports: HashMap<String, ReportSlots>,
+    ) -> StoreResult<Plan> {
+        let mut plan = Plan::default();
+        let mut stamps = Stamps {
+            next: first_stamp,
+            write_once: write_once_stamp,
+        };
+        for mutation in batch {
+            plan.add(mutation, &mut stamps, &mut reports)?;
+        }
+        Ok(plan)
+    }
+
+    /// How many timestamps planning `batch` can take at most (an upper bound).
+    pub fn stamps_needed(batch: &[Mutation]) -> usize {
+        batch.len() * 3
+    }
+
+    fn device(&mut self, id: &str) -> &mut Vec<Write> {
+        self.devices.entry(id.to_string()).or_default()
+    }
+
+    fn put_device_row(&mut self, id: &str, sec: i8, seq: i64, value: Vec<u8>, stamps: &mut Stamps) {
+        let values = vec![
+            text(id),
+            CqlValue::TinyInt(sec),
+            CqlValue::BigInt(seq),
+            CqlValue::Blob(value),
+            stamps.take(),
+        ];
+        self.device(id).push(Write {
+            stmt: Stmt::PutDeviceRow,
+            values,
+        });
+    }
+
+    fn delete_device_row(&mut self, id: &str, sec: i8, seq: i64, stamps: &mut Stamps) {
+        let values = vec![
+            stamps.take(),
+            text(id),
+            CqlValue::TinyInt(sec),
+            CqlValue::BigInt(seq),
+        ];
+        self.device(id).push(Write {
+            stmt: Stmt::DeleteDeviceRow,
+            values,
+        });
+    }
+
+    fn put_shared(&mut self, kind: &str, name: &str, value: Vec<u8>, stamps: &mut Stamps) {
+        self.before.push(Write {
+            stmt: Stmt::PutShared,
+            values: vec![text(kind), text(name), CqlValue::Blob(value), stamps.take()],
+        });
+    }
+
+    fn delete_shared(&mut self, kind: &str, name: &str, stamps: &mut Stamps) {
+        self.before.push(Write {
+            stmt: Stmt::DeleteShared,
+            values: vec![stamps.take(), text(kind), text(name)],
+        });
+    }
+
+    fn add(
+        &mut self,
+        mutation: Mutation,
+        stamps: &mut Stamps,
+        reports: &mut HashMap<String, ReportSlots>,
+    ) -> StoreResult<()> {
+        match mutation {
+            Mutation::PutEnrollment(record) => {
+                let bucket = rows::bucket(&record.id, rows::ENROLLMENT_BUCKETS);
+                self.before.push(Write {
+                    stmt: Stmt::PutEnrollmentIndex,
+                    values: vec![CqlValue::Int(bucket), text(&record.id), stamps.take()],
+                });
+                let value = rows::encode(&record)?;
+                self.put_device_row(&record.id, section::ENROLLMENT, 0, value, stamps);
+            }
+            Mutation::BindCertificate {
+                fingerprint,
+                enrollment_id,
+            } => self.bindings.push((fingerprint, enrollment_id)),
+            Mutation::PutCommand(command) => self.before.push(Write {
+                stmt: Stmt::PutCommand,
+                values: vec![
+                    text(&command.command_uuid),
+                    CqlValue::Blob(rows::encode(&command)?),
+                    CqlValue::BigInt(stamps.write_once),
+                ],
+            }),
+            Mutation::PutQueueEntry {
+                enrollment_id,
+                entry,
+            } => {
+                let seq = rows::seq_to_cql(entry.seq);
+                let value = rows::encode(&entry)?;
+                self.put_device_row(&enrollment_id, section::QUEUE, seq, value, stamps);
+            }
+            Mutation::RemoveQueueEntry {
+                enrollment_id,
+                seq,
+                pending_from,
+            } => {
+                let seq = rows::seq_to_cql(seq);
+                self.delete_device_row(&enrollment_id, section::QUEUE, seq, stamps);
+                let head = rows::encode_head(pending_from);
+                self.put_device_row(
+                    &enrollment_id,
+                    section::ENROLLMENT,
+                    rows::QUEUE_HEAD_SEQ,
+                    head,
+                    stamps,
+                );
+            }
+            Mutation::ClearQueue { enrollment_id } => {
+                let values = vec![
+                    stamps.take(),
+                    text(&enrollment_id),
+                    CqlValue::TinyInt(section::QUEUE),
+                ];
+                self.device(&enrollment_id).push(Write {
+                    stmt: Stmt::DeleteDeviceSection,
+                    values,
+                });
+            }
+            Mutation::PutResult {
+                enrollment_id,
+                result,
+            } => self.before.push(Write {
+                stmt: Stmt::PutResult,
+                values: vec![
+                    text(&enrollment_id),
+                    text(&result.command_uuid),
+                    CqlValue::Blob(rows::encode(&result)?),
+                    stamps.take(),
+                ],
+            }),
+            Mutation::PutPushCert(record) => {
+                self.put_shared(PUSH_CERT, &record.topic, rows::encode(&record)?, stamps)
+            }
+            Mutation::ScheduleWake {
+                enrollment_id,
+                due_at,
+                attempt,
+            } => {
+                let minute = rows::minute_of(due_at);
+                let part = rows::bucket(&enrollment_id, rows::WAKE_PARTS);
+                self.before.push(Write {
+                    stmt: Stmt::PutWake,
+                    values: vec![
+                        CqlValue::BigInt(minute),
+                        CqlValue::Int(part),
+                        CqlValue::BigInt(due_at),
+                        text(&enrollment_id),
+                        stamps.take(),
+                    ],
+                });
+                self.before.push(Write {
+                    stmt: Stmt::PutWakeMinute,
+                    values: vec![CqlValue::Int(part), CqlValue::BigInt(minute), stamps.take()],
+                });
+                let wake = rows::encode(&WakeEntry {
+                    enrollment_id: enrollment_id.clone(),
+                    due_at,
+                    attempt,
+                })?;
+                self.put_device_row(&enrollment_id, section::WAKE, 0, wake, stamps);
+            }
+            Mutation::ClearWake { enrollment_id } => {
+                self.delete_device_row(&enrollment_id, section::WAKE, 0, stamps)
+            }
+            Mutation::PutDeclaration(record) => self.put_shared(
+                DECLARATION,
+                &record.identifier,
+                rows::encode(&record)?,
+                stamps,
+            ),
+            Mutation::DeleteDeclaration { identifier } => {
+                self.delete_shared(DECLARATION, &identifier, stamps)
+            }
+            Mutation::PutSet(set) => self.put_shared(SET, &set.name, rows::encode(&set)?, stamps),
+            Mutation::DeleteSet { name } => self.delete_shared(SET, &name, stamps),
+            Mutation::PutSetMember { set, enrollment_id } => {
+                let bucket = rows::bucket(&enrollment_id, rows::SET_MEMBER_BUCKETS);
+                self.before.push(Write {
+                    stmt: Stmt::PutSetMember,
+                    values: vec![
+                        text(&set),
+                        CqlValue::Int(bucket),
+                        text(&enrollment_id),
+                        stamps.take(),
+                    ],
+                });
+            }
+            Mutation::RemoveSetMember { set, enrollment_id } => {
+                let bucket = rows::bucket(&enrollment_id, rows::SET_MEMBER_BUCKETS);
+                self.after.push(Write {
+                    stmt: Stmt::DeleteSetMember,
+                    values: vec![
+                        stamps.take(),
+                        text(&set),
+                        CqlValue::Int(bucket),
+                        text(&enrollment_id),
+                    ],
+                });
+            }
+            Mutation::PutDdmState {
+                enrollment_id,
+                state,
+            } => self.put_device_row(&enrollment_id, section::DDM_STATE, 0, state, stamps),
+            Mutation::PutDdmTimeline {
+                enrollment_id,
+                timeline,
+            } => self.put_device_row(&enrollment_id, section::DDM_TIMELINE, 0, timeline, stamps),
+            Mutation::AppendDdmReport {
+                enrollment_id,
+                report,
+                keep,
+            } => {
+                let slots = reports.entry(enrollment_id.clone()).or_default();
+                self.append_report(&enrollment_id, report, keep.max(1), slots, stamps)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Write the report into the ring slot its number maps to (overwriting the oldest
+    /// kept one) and drop slots beyond `keep`: the history never grows, and nothing in it
+    /// is deleted while `keep` stays the same.
+    fn append_report(
+        &mut self,
+        id: &str,
+        report: crate::store::StoredReport,
+        keep: usize,
+        slots: &mut ReportSlots,
+        stamps: &mut Stamps,
+    ) -> StoreResult<()> {
+        let number = slots.iter().map(|(_, n)| *n).max().unwrap_or(0) + 1;
+        let slot = (number % keep as u64) as i64;
+        let value = rows::encode(&NumberedReport { number, report })?;
+        self.put_device_row(id, section::REPORTS, slot, value, stamps);
+        slots.retain(|(s, _)| *s != slot);
+        slots.push((slot, number));
+        let beyond: Vec<i64> = slots
+            .iter()
+            .map(|(s, _)| *s)
+            .filter(|s| *s >= keep as i64)
+            .collect();
+        for stale in beyond {
+            self.delete_device_row(id, section::REPORTS, stale, stamps);
+            slots.retain(|(s, _)| *s != stale);
+        }
+        Ok(())
+    }
+}
+
+impl ScyllaStore {
+    pub(super) async fn apply_batch(&self, batch: Vec<Mutation>) -> StoreResult<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let reports = self.report_slots_for(&batch).await?;
+        let now = rows::now_micros();
+        let first = self.clock.reserve(Plan::stamps_needed(&batch), now);
+        let plan = Plan::of(batch, first, rows::write_once_timestamp(now), reports)?;
+        try_join_all(plan.bindings.iter().map(|(fp, id)| self.bind(fp, id))).await?;
+        self.write_each("apply_rows", &plan.before).await?;
+        try_join_all(
+            plan.devices
+                .values()
+                .map(|writes| self.write_device(writes)),
+        )
+        .await?;
+        self.write_each("apply_rows", &plan.after).await
+    }
+
+    /// The current report slots of every enrollment `batch` appends a report to.
+    async fn report_slots_for(
+        &self,
+        batch: &[Mutation],
+    ) -> StoreResult<HashMap<String, ReportSlots>> {
+        let ids: std::collections::BTreeSet<&str> = batch
+            .iter()
+            .filter_map(|m| match m {
+                Mutation::AppendDdmReport { enrollment_id, .. } => Some(enrollment_id.as_str()),
+                _ => None,
+            })
+            .collect();
+        let mut slots = HashMap::new();
+        for id in ids {
+            let held = self
+                .read_reports(id)
+                .await?
+                .into_iter()
+                .map(|(slot, report)| (slot, report.number))
+                .collect();
+            slots.insert(id.to_string(), held);
+        }
+        Ok(slots)
+    }
+
+    /// Bind a certificate unless another enrollment holds it (a lightweight transaction:
+    /// of two nodes binding one certificate at once, exactly one applies).
+    async fn bind(&self, fingerprint: &CertFingerprint, enrollment_id: &str) -> StoreResult<()> {
+        let result = self
+            .run("bind_certificate", async {
+                self.session
+                    .execute_unpaged(
+                        &self.statements.bind_certificate,
+                        (fingerprint.to_vec(), enrollment_id),
+                    )
+                    .await
+                    .map_err(unavailable)
+            })
+            .await?;
+        let (applied, current) = lwt_row(result)?;
+        if applied {
+            return Ok(());
+        }
+        let holder = current
+            .into_iter()
+            .find(|(name, _)| name == "enrollment_id")
+            .and_then(|(_, value)| value?.into_string());
+        match holder {
+            Some(holder) if holder == enrollment_id => Ok(()),
+            Some(holder) => Err(StoreError::Conflict(format!(
+                "certificate already bound to enrollment {holder}"
+            ))),
+            None => Err(StoreError::Backend(
+                "certificate binding refused without a holder".into(),
+            )),
+        }
+    }
+
+    async fn write_each(&self, op: &'static str, writes: &[Write]) -> StoreResult<()> {
+        try_join_all(
+            writes
+                .iter()
+                .map(|w| self.execute(op, self.prepared(w.stmt), &w.values)),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// One device's rows: a single statement, or one single-partition batch.
+    async fn write_device(&self, writes: &[Write]) -> StoreResult<()> {
+        if let [write] = writes {
+            return self
+                .execute("apply_device", self.prepared(write.stmt), &write.values)
+                .await
+                .map(drop);
+        }
+        let mut batch = Batch::new(BatchType::Unlogged);
+        batch.set_is_idempotent(true);
+        for write in writes {
+            batch.append_statement(self.prepared(write.stmt).clone());
+        }
+        let values: Vec<&Vec<CqlValue>> = writes.iter().map(|w| &w.values).collect();
+        self.run("apply_device", async {
+            self.session
+                .batch(&batch, values)
+                .await
+                .map_err(unavailable)
+        })
+        .await
+        .map(drop)
+    }
+
+    fn prepared(&self, stmt: Stmt) -> &PreparedStatement {
+        let s = &self.statements;
+        match stmt {
+            Stmt::PutDeviceRow => &s.put_device_row,
+            Stmt::DeleteDeviceRow => &s.delete_device_row,
+            Stmt::DeleteDeviceSection => &s.delete_device_section,
+            Stmt::PutEnrollmentIndex => &s.put_enrollment_index,
+            Stmt::PutCommand => &s.put_command,
+            Stmt::PutResult => &s.put_result,
+            Stmt::PutShared => &s.put_shared,
+            Stmt::DeleteShared => &s.delete_shared,
+            Stmt::PutSetMember => &s.put_set_member,
+            Stmt::DeleteSetMember => &s.delete_set_member,
+            Stmt::PutWake => &s.put_wake,
+            Stmt::PutWakeMinute => &s.put_wake_minute,
+        }
+    }
+}
