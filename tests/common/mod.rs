@@ -1,7 +1,13 @@
 //! A real Orchard process and simulated devices for end-to-end tests: the server binary
 //! runs on loopback with its embedded store in a temporary directory; devices present
 //! identities issued by the server's own CA, exactly as enrolled devices do.
+//!
+//! With `ORCHARD_TEST_STORE=scylla` every server runs on the CQL store instead, on the
+//! server named by `ORCHARD_TEST_CQL`, each on a fresh keyspace (dropped afterwards).
 #![allow(dead_code)]
+
+#[path = "../cql/mod.rs"]
+pub mod cql;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -45,7 +51,47 @@ pub struct Server {
     pub data_dir: PathBuf,
     pub base: String,
     args: Vec<String>,
+    store: StoreUnderTest,
     _tmp: Option<tempfile::TempDir>,
+}
+
+/// The store the servers of this test run use (`ORCHARD_TEST_STORE`).
+#[derive(Clone, Debug)]
+pub enum StoreUnderTest {
+    Embedded,
+    Cql {
+        nodes: Vec<String>,
+        keyspace: String,
+    },
+}
+
+impl StoreUnderTest {
+    fn from_env() -> StoreUnderTest {
+        match std::env::var("ORCHARD_TEST_STORE").as_deref() {
+            Ok("scylla") => StoreUnderTest::Cql {
+                nodes: vec![cql::server()
+                    .expect("ORCHARD_TEST_STORE=scylla needs ORCHARD_TEST_CQL=HOST:PORT")],
+                keyspace: cql::fresh_keyspace(),
+            },
+            _ => StoreUnderTest::Embedded,
+        }
+    }
+
+    fn args(&self) -> Vec<String> {
+        match self {
+            StoreUnderTest::Embedded => Vec::new(),
+            StoreUnderTest::Cql { nodes, keyspace } => vec![
+                "--store".into(),
+                "scylla".into(),
+                "--scylla-nodes".into(),
+                nodes.join(","),
+                "--scylla-keyspace".into(),
+                keyspace.clone(),
+                "--scylla-replication".into(),
+                "1".into(),
+            ],
+        }
+    }
 }
 
 impl Server {
@@ -62,6 +108,7 @@ impl Server {
             data_dir,
             base: String::new(),
             args: extra.iter().map(|s| s.to_string()).collect(),
+            store: StoreUnderTest::from_env(),
             _tmp: Some(tmp),
         };
         server.spawn();
@@ -79,6 +126,7 @@ impl Server {
             .args(["--client-cert-header", CERT_HEADER])
             .args(["--server-url", "https://mdm.example.test"])
             .args(self.default_apns_args())
+            .args(self.store.args())
             .args(&self.args)
             .env("ORCHARD_LOG", "warn")
             .stdout(Stdio::piped())
@@ -136,6 +184,9 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
+        if let StoreUnderTest::Cql { nodes, keyspace } = &self.store {
+            cql::drop_keyspace(nodes.clone(), keyspace.clone());
+        }
     }
 }
 

@@ -15,7 +15,8 @@
 //! * `wakes.rs` — the re-push schedule by due minute.
 //!
 //! Every request is counted and timed (`orchard_store_request_seconds{op}`,
-//! `orchard_store_errors_total{op}`, `orchard_store_in_flight`).
+//! `orchard_store_errors_total{op}`, `orchard_store_in_flight`), and every batch
+//! (`orchard_store_apply_seconds`, as on the embedded store).
 
 mod reads;
 mod rows;
@@ -363,7 +364,10 @@ fn lwt_row(result: QueryResult) -> StoreResult<(bool, NamedColumns)> {
 #[async_trait]
 impl Store for ScyllaStore {
     async fn apply(&self, batch: Vec<Mutation>) -> StoreResult<()> {
-        self.apply_batch(batch).await
+        let started = Instant::now();
+        let outcome = self.apply_batch(batch).await;
+        histogram!("orchard_store_apply_seconds").record(started.elapsed().as_secs_f64());
+        outcome
     }
 
     async fn enrollment(&self, id: &str) -> StoreResult<Option<EnrollmentRecord>> {
