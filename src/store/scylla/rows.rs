@@ -19,12 +19,17 @@ pub mod section {
     pub const QUEUE: i8 = 4;
     /// `(5, slot)`: the ring of kept status reports.
     pub const REPORTS: i8 = 5;
+    /// `(6, 0, command UUID)`: command results.
+    pub const RESULTS: i8 = 6;
     /// Sections read together when an actor activates (everything before the queue).
     pub const HEAD_END: i8 = QUEUE;
 }
 
 /// `seq` of the queue-head row in the enrollment section.
 pub const QUEUE_HEAD_SEQ: i64 = 1;
+
+/// How long a command result is kept (90 days).
+pub const RESULT_TTL_SECS: i32 = 90 * 24 * 3600;
 
 /// Buckets of `enrollment_index`.
 pub const ENROLLMENT_BUCKETS: i32 = 256;

@@ -8,6 +8,7 @@ use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
 
 use super::backend;
+use super::rows::section::{QUEUE, RESULTS};
 use crate::store::StoreResult;
 
 pub struct Statements {
@@ -50,22 +51,22 @@ impl Statements {
             StoreResult::Ok(prepared)
         };
         Ok(Statements {
-            put_device_row: p(format!("INSERT INTO {ks}.devices (enrollment_id, section, seq, value) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"), true).await?,
+            put_device_row: p(format!("INSERT INTO {ks}.devices (enrollment_id, section, seq, name, value) VALUES (?, ?, ?, '', ?) USING TIMESTAMP ?"), true).await?,
             delete_device_row: p(format!("DELETE FROM {ks}.devices USING TIMESTAMP ? WHERE enrollment_id = ? AND section = ? AND seq = ?"), true).await?,
             delete_device_section: p(format!("DELETE FROM {ks}.devices USING TIMESTAMP ? WHERE enrollment_id = ? AND section = ?"), true).await?,
             device_head: p(format!("SELECT section, seq, value FROM {ks}.devices WHERE enrollment_id = ? AND section < ?"), true).await?,
             device_row: p(format!("SELECT value FROM {ks}.devices WHERE enrollment_id = ? AND section = ? AND seq = ?"), true).await?,
             device_section: p(format!("SELECT seq, value FROM {ks}.devices WHERE enrollment_id = ? AND section = ?"), true).await?,
-            device_queue: p(format!("SELECT value FROM {ks}.devices WHERE enrollment_id = ? AND section = 4 AND seq >= ?"), true).await?,
+            device_queue: p(format!("SELECT value FROM {ks}.devices WHERE enrollment_id = ? AND section = {QUEUE} AND seq >= ?"), true).await?,
             put_enrollment_index: p(format!("INSERT INTO {ks}.enrollment_index (bucket, enrollment_id) VALUES (?, ?) USING TIMESTAMP ?"), true).await?,
             enrollment_index_page: p(format!("SELECT enrollment_id FROM {ks}.enrollment_index WHERE bucket = ? AND enrollment_id > ? LIMIT ?"), true).await?,
             bind_certificate: p(format!("INSERT INTO {ks}.cert_bindings (fingerprint, enrollment_id) VALUES (?, ?) IF NOT EXISTS"), false).await?,
             cert_binding: p(format!("SELECT enrollment_id FROM {ks}.cert_bindings WHERE fingerprint = ?"), true).await?,
             put_command: p(format!("INSERT INTO {ks}.commands (command_uuid, value) VALUES (?, ?) USING TIMESTAMP ?"), true).await?,
             command: p(format!("SELECT value FROM {ks}.commands WHERE command_uuid = ?"), true).await?,
-            put_result: p(format!("INSERT INTO {ks}.results (enrollment_id, command_uuid, value) VALUES (?, ?, ?) USING TIMESTAMP ?"), true).await?,
-            result: p(format!("SELECT value FROM {ks}.results WHERE enrollment_id = ? AND command_uuid = ?"), true).await?,
-            results: p(format!("SELECT value FROM {ks}.results WHERE enrollment_id = ?"), true).await?,
+            put_result: p(format!("INSERT INTO {ks}.devices (enrollment_id, section, seq, name, value) VALUES (?, {RESULTS}, 0, ?, ?) USING TTL ? AND TIMESTAMP ?"), true).await?,
+            result: p(format!("SELECT value FROM {ks}.devices WHERE enrollment_id = ? AND section = {RESULTS} AND seq = 0 AND name = ?"), true).await?,
+            results: p(format!("SELECT value FROM {ks}.devices WHERE enrollment_id = ? AND section = {RESULTS}"), true).await?,
             put_shared: p(format!("INSERT INTO {ks}.shared_state (kind, name, value) VALUES (?, ?, ?) USING TIMESTAMP ?"), true).await?,
             delete_shared: p(format!("DELETE FROM {ks}.shared_state USING TIMESTAMP ? WHERE kind = ? AND name = ?"), true).await?,
             shared_kind: p(format!("SELECT value FROM {ks}.shared_state WHERE kind = ?"), true).await?,

@@ -3,11 +3,12 @@
 //! leaves only half-states nobody can see (ARCHITECTURE.md, "Crash half-states"):
 //!
 //! 1. certificate bindings, as lightweight transactions (one enrollment per certificate);
-//! 2. rows other rows refer to or are found by: command bodies (write-once), results,
-//!    the enrollment index, set-membership additions, re-push hints, shared state;
-//! 3. each device's own rows (enrollment, queue, DDM, wake, reports) as one
+//! 2. rows other rows refer to or are found by: command bodies (write-once),
+//!    set-membership additions, re-push hints, shared state;
+//! 3. each device's own rows (enrollment, queue, results, DDM, wake, reports) as one
 //!    single-partition batch: atomic and isolated on every replica;
-//! 4. set-membership removals, after the state that no longer names the set.
+//! 4. the enrollment index (a listing never names an enrollment that is not there) and
+//!    set-membership removals (after the state that no longer names the set).
 //!
 //! Planning ([`Plan::of`]) is pure; only [`ScyllaStore::apply_batch`] talks to the cluster.
 
@@ -156,7 +157,7 @@ impl Plan {
         match mutation {
             Mutation::PutEnrollment(record) => {
                 let bucket = rows::bucket(&record.id, rows::ENROLLMENT_BUCKETS);
-                self.before.push(Write {
+                self.after.push(Write {
                     stmt: Stmt::PutEnrollmentIndex,
                     values: vec![CqlValue::Int(bucket), text(&record.id), stamps.take()],
                 });
@@ -213,15 +214,19 @@ impl Plan {
             Mutation::PutResult {
                 enrollment_id,
                 result,
-            } => self.before.push(Write {
-                stmt: Stmt::PutResult,
-                values: vec![
+            } => {
+                let values = vec![
                     text(&enrollment_id),
                     text(&result.command_uuid),
                     CqlValue::Blob(rows::encode(&result)?),
+                    CqlValue::Int(rows::RESULT_TTL_SECS),
                     stamps.take(),
-                ],
-            }),
+                ];
+                self.device(&enrollment_id).push(Write {
+                    stmt: Stmt::PutResult,
+                    values,
+                });
+            }
             Mutation::PutPushCert(record) => {
                 self.put_shared(PUSH_CERT, &record.topic, rows::encode(&record)?, stamps)
             }
@@ -341,6 +346,17 @@ impl Plan {
     }
 }
 
+/// Crash tests: with `ORCHARD_FAILPOINT=<name>` the process aborts at the point of that
+/// name, as if killed there, so a test can show what a crash between two phases leaves.
+fn crash_point(name: &str) {
+    static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let armed = ARMED.get_or_init(|| std::env::var("ORCHARD_FAILPOINT").ok());
+    if armed.as_deref() == Some(name) {
+        tracing::error!(failpoint = name, "failpoint reached: aborting");
+        std::process::abort();
+    }
+}
+
 impl ScyllaStore {
     pub(super) async fn apply_batch(&self, batch: Vec<Mutation>) -> StoreResult<()> {
         if batch.is_empty() {
@@ -352,6 +368,9 @@ impl ScyllaStore {
         let plan = Plan::of(batch, first, rows::write_once_timestamp(now), reports)?;
         try_join_all(plan.bindings.iter().map(|(fp, id)| self.bind(fp, id))).await?;
         self.write_each("apply_rows", &plan.before).await?;
+        if !plan.before.is_empty() && !plan.devices.is_empty() {
+            crash_point("apply:before-device-rows");
+        }
         try_join_all(
             plan.devices
                 .values()
