@@ -1,8 +1,11 @@
 //! Acknowledged data is durable before the 2xx: a `kill -9` loses no enqueued command,
 //! and after a restart on the same data dir every command is delivered exactly once and
-//! in order.
+//! in order. On the CQL store, a crash between the statements of one change leaves
+//! nothing anyone can see.
 
 mod common;
+
+use std::time::Duration;
 
 use common::*;
 
@@ -87,5 +90,56 @@ async fn enrollment_state_survives_a_crash() {
         device.connect(&server, device.idle()).await.0,
         200,
         "the certificate binding survived"
+    );
+}
+
+/// The CQL store writes a command's body before the queue entry that refers to it. A
+/// crash between the two leaves a body nothing refers to: the enqueue was never
+/// acknowledged, the device is offered nothing, and enqueueing again delivers it once.
+#[actix_rt::test]
+async fn a_crash_between_a_command_body_and_its_queue_entry_leaves_nothing_visible() {
+    let mut server = Server::start();
+    if !matches!(server.store(), StoreUnderTest::Cql { .. }) {
+        eprintln!("skipped: the failpoint is the CQL store's (set ORCHARD_TEST_STORE=scylla)");
+        return;
+    }
+    let device = Device::new(&server, &udid(9));
+    device.enroll(&server).await;
+    server.set_env("ORCHARD_FAILPOINT", Some("apply:before-device-rows"));
+    server.restart();
+
+    let answer = client()
+        .put(server.url(&format!("/api/v1/nanomdm/enqueue/{}?nopush=1", device.udid)))
+        .bearer_auth(API_KEY)
+        .send_body(command_plist("CRASH-1", "ProfileList"))
+        .await;
+    assert!(
+        answer.is_err(),
+        "no answer from a server that crashed mid-write"
+    );
+    assert!(
+        server.exited_within(Duration::from_secs(10)),
+        "the failpoint fired"
+    );
+
+    server.set_env("ORCHARD_FAILPOINT", None);
+    server.restart();
+    assert!(
+        device.drain(&server).await.is_empty(),
+        "no entry without its write"
+    );
+    let (_, history) = api_get(
+        &server,
+        &format!("/api/v1/devices/{}/commands", device.udid),
+    )
+    .await;
+    assert_eq!(history, serde_json::json!([]));
+
+    let (status, _) = enqueue(&server, &device.udid, "CRASH-1", "ProfileList").await;
+    assert_eq!(status, 200);
+    assert_eq!(device.drain(&server).await, ["CRASH-1"]);
+    assert!(
+        device.drain(&server).await.is_empty(),
+        "delivered exactly once"
     );
 }

@@ -126,7 +126,10 @@ async fn two_devices_binding_one_certificate_through_two_nodes_exactly_one_wins(
             assert_eq!(bound.as_deref(), Some(winner.as_str()));
         }
         let loser = if winner.starts_with('a') { "b" } else { "a" };
-        let lost = node_a.enrollment(&format!("{loser}-{round}")).await.unwrap();
+        let lost = node_a
+            .enrollment(&format!("{loser}-{round}"))
+            .await
+            .unwrap();
         assert_eq!(lost, None, "the losing device's enrollment was not written");
     }
 }
@@ -153,7 +156,10 @@ async fn nodes_starting_at_once_on_an_empty_keyspace_create_one_schema() {
         .await
         .unwrap();
     for node in &nodes {
-        assert_eq!(node.enrollment(&record.id).await.unwrap(), Some(record.clone()));
+        assert_eq!(
+            node.enrollment(&record.id).await.unwrap(),
+            Some(record.clone())
+        );
     }
     let session = keyspace.session().await;
     assert_eq!(
@@ -183,8 +189,14 @@ async fn a_keyspace_migrated_by_a_newer_build_is_refused() {
 
     let refused = ScyllaStore::connect(&keyspace.config).await;
 
-    let message = refused.err().expect("a newer schema is refused").to_string();
-    assert!(message.contains(&format!("schema version {newer}")), "{message}");
+    let message = refused
+        .err()
+        .expect("a newer schema is refused")
+        .to_string();
+    assert!(
+        message.contains(&format!("schema version {newer}")),
+        "{message}"
+    );
 }
 
 async fn traced_tombstones(session: &Session, cql: &str) -> u64 {

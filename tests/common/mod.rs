@@ -51,6 +51,7 @@ pub struct Server {
     pub data_dir: PathBuf,
     pub base: String,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     store: StoreUnderTest,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -108,6 +109,7 @@ impl Server {
             data_dir,
             base: String::new(),
             args: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             store: StoreUnderTest::from_env(),
             _tmp: Some(tmp),
         };
@@ -129,6 +131,7 @@ impl Server {
             .args(self.store.args())
             .args(&self.args)
             .env("ORCHARD_LOG", "warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         let mut child = command.spawn().expect("orchard binary starts");
@@ -170,10 +173,38 @@ impl Server {
         }
     }
 
-    /// Start again on the same data dir (new port).
+    /// Start again on the same data dir and store (new port).
     pub fn restart(&mut self) {
         self.kill9();
         self.spawn();
+    }
+
+    /// Environment for the next start (e.g. a failpoint); `None` removes the variable.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(value) = value {
+            self.env.push((key.to_string(), value.to_string()));
+        }
+    }
+
+    /// Whether the process has exited by itself (a crash), waiting up to `within`.
+    pub fn exited_within(&mut self, within: Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        let Some(child) = self.child.as_mut() else {
+            return true;
+        };
+        while std::time::Instant::now() < deadline {
+            if child.try_wait().expect("wait on the server").is_some() {
+                self.child = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn store(&self) -> &StoreUnderTest {
+        &self.store
     }
 
     pub fn ca(&self) -> CertificateAuthority {
