@@ -113,6 +113,9 @@ impl fmt::Display for Rejection {
     }
 }
 
+/// Seconds a client is asked to wait before retrying a 503.
+const RETRY_AFTER_SECS: u32 = 2;
+
 impl ResponseError for Rejection {
     fn status_code(&self) -> StatusCode {
         self.status
@@ -126,6 +129,11 @@ impl ResponseError for Rejection {
             tracing::warn!(status = self.status.as_u16(), reason = self.reason, detail = %self.detail, "request rejected");
         }
         let mut response = HttpResponse::build(self.status);
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            // The store (or an actor) could not answer in time: nothing was written, and
+            // a retry after a short pause normally succeeds.
+            response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECS.to_string()));
+        }
         match self.audience {
             Audience::Device => response
                 .insert_header((header::CONTENT_TYPE, "text/plain; charset=utf-8"))
