@@ -33,17 +33,7 @@ fn enqueue_batch(seq: u64) -> Vec<Mutation> {
         }),
         Mutation::PutQueueEntry {
             enrollment_id: format!("bench-device-{}", seq % DEVICES),
-            entry: QueueEntry {
-                seq,
-                command_uuid,
-                request_type: "DeviceInformation".to_owned(),
-                priority: 0,
-                enqueued_at: 1_700_000_000,
-                not_now_count: 0,
-                last_not_now_at: None,
-                unparseable_results: 0,
-                parked: false,
-            },
+            entry: QueueEntry::new(seq, &command_uuid, "DeviceInformation", 0, 1_700_000_000),
         },
     ]
 }

@@ -245,16 +245,12 @@ fn enrollment(id: &str) -> EnrollmentRecord {
 fn put_entry(enrollment_id: &str, seq: u64) -> Mutation {
     Mutation::PutQueueEntry {
         enrollment_id: enrollment_id.into(),
-        entry: QueueEntry {
+        entry: QueueEntry::new(
             seq,
-            command_uuid: format!("cmd-{seq}"),
-            request_type: "DeviceInformation".into(),
-            priority: 0,
-            enqueued_at: 1_700_000_000,
-            not_now_count: 0,
-            last_not_now_at: None,
-            unparseable_results: 0,
-            parked: false,
-        },
+            &format!("cmd-{seq}"),
+            "DeviceInformation",
+            0,
+            1_700_000_000,
+        ),
     }
 }

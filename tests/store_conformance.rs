@@ -904,17 +904,13 @@ fn command(uuid: &str, body: &[u8]) -> StoredCommand {
 }
 
 fn queue_entry(seq: u64) -> QueueEntry {
-    QueueEntry {
+    QueueEntry::new(
         seq,
-        command_uuid: format!("cmd-{seq}"),
-        request_type: "DeviceInformation".to_owned(),
-        priority: 0,
-        enqueued_at: 1_700_000_000,
-        not_now_count: 0,
-        last_not_now_at: None,
-        unparseable_results: 0,
-        parked: false,
-    }
+        &format!("cmd-{seq}"),
+        "DeviceInformation",
+        0,
+        1_700_000_000,
+    )
 }
 
 fn result(uuid: &str, seq: u64, status: ResultStatus) -> CommandResult {

@@ -805,17 +805,13 @@ impl Handler<Enqueue> for DeviceActor {
             Err(e) => return Self::immediate(Err(e)),
         };
         let seq = loaded.queue.next_seq(now_millis() * 1000);
-        let entry = QueueEntry {
+        let entry = QueueEntry::new(
             seq,
-            command_uuid: msg.command.command_uuid.clone(),
-            request_type: msg.command.request_type.clone(),
-            priority: msg.priority,
-            enqueued_at: now_secs(),
-            not_now_count: 0,
-            last_not_now_at: None,
-            unparseable_results: 0,
-            parked: false,
-        };
+            &msg.command.command_uuid,
+            &msg.command.request_type,
+            msg.priority,
+            now_secs(),
+        );
         if !loaded.queue.push(Pending {
             entry: entry.clone(),
             command: msg.command,

@@ -201,17 +201,8 @@ impl DeviceActor {
                 registry.intern_body(own)
             }
         };
-        let entry = QueueEntry {
-            seq: loaded.queue.next_seq(now_millis() * 1000),
-            command_uuid: command.command_uuid.clone(),
-            request_type: DECLARATIVE_MANAGEMENT.into(),
-            priority: 0,
-            enqueued_at: now,
-            not_now_count: 0,
-            last_not_now_at: None,
-            unparseable_results: 0,
-            parked: false,
-        };
+        let seq = loaded.queue.next_seq(now_millis() * 1000);
+        let entry = QueueEntry::new(seq, &command.command_uuid, DECLARATIVE_MANAGEMENT, 0, now);
         loaded.ddm.record(
             now,
             SyncEventKind::CommandQueued {

@@ -281,13 +281,7 @@ impl Drop for EmbeddedStore {
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn apply(&self, batch: Vec<Mutation>) -> StoreResult<()> {
-        let started = Instant::now();
-        let outcome = self.submit(batch).await;
-        histogram!("orchard_store_apply_seconds").record(started.elapsed().as_secs_f64());
-        if outcome.is_err() {
-            counter!("orchard_store_errors_total", "op" => "apply").increment(1);
-        }
-        outcome
+        super::timed_apply(self.submit(batch)).await
     }
 
     async fn enrollment(&self, id: &str) -> StoreResult<Option<EnrollmentRecord>> {

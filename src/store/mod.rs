@@ -97,6 +97,29 @@ pub struct QueueEntry {
     pub parked: bool,
 }
 
+impl QueueEntry {
+    /// A newly enqueued entry: never answered, not parked.
+    pub fn new(
+        seq: u64,
+        command_uuid: &str,
+        request_type: &str,
+        priority: u8,
+        enqueued_at: i64,
+    ) -> QueueEntry {
+        QueueEntry {
+            seq,
+            command_uuid: command_uuid.to_string(),
+            request_type: request_type.to_string(),
+            priority,
+            enqueued_at,
+            not_now_count: 0,
+            last_not_now_at: None,
+            unparseable_results: 0,
+            parked: false,
+        }
+    }
+}
+
 /// Final (or NotNow) status a device reported for a command.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ResultStatus {
@@ -317,6 +340,20 @@ pub enum StoreError {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Run a backend's `apply`, recording its latency and failures the same way for every
+/// backend (`orchard_store_apply_seconds`, `orchard_store_errors_total{op="apply"}`).
+pub(crate) async fn timed_apply(
+    apply: impl std::future::Future<Output = StoreResult<()>>,
+) -> StoreResult<()> {
+    let started = std::time::Instant::now();
+    let outcome = apply.await;
+    metrics::histogram!("orchard_store_apply_seconds").record(started.elapsed().as_secs_f64());
+    if outcome.is_err() {
+        metrics::counter!("orchard_store_errors_total", "op" => "apply").increment(1);
+    }
+    outcome
+}
 
 /// The storage contract every backend satisfies; `tests/store_conformance.rs` runs the
 /// same suite against each of them.

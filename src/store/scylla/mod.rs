@@ -222,6 +222,18 @@ impl ScyllaStore {
         let mut rows: Vec<(Vec<u8>,)> = self.rows(op, statement, values).await?;
         Ok(rows.pop().map(|(value,)| value))
     }
+
+    /// The record a point query selects, decoded; `what` names it in errors.
+    async fn record<T: serde::de::DeserializeOwned>(
+        &self,
+        op: &'static str,
+        statement: &PreparedStatement,
+        values: impl SerializeRow,
+        what: (&str, &str),
+    ) -> StoreResult<Option<T>> {
+        let value = self.blob(op, statement, values).await?;
+        value.map(|v| rows::decode(what.0, what.1, &v)).transpose()
+    }
 }
 
 async fn session(config: &ScyllaConfig) -> StoreResult<Session> {
@@ -364,10 +376,7 @@ fn lwt_row(result: QueryResult) -> StoreResult<(bool, NamedColumns)> {
 #[async_trait]
 impl Store for ScyllaStore {
     async fn apply(&self, batch: Vec<Mutation>) -> StoreResult<()> {
-        let started = Instant::now();
-        let outcome = self.apply_batch(batch).await;
-        histogram!("orchard_store_apply_seconds").record(started.elapsed().as_secs_f64());
-        outcome
+        super::timed_apply(self.apply_batch(batch)).await
     }
 
     async fn enrollment(&self, id: &str) -> StoreResult<Option<EnrollmentRecord>> {
@@ -407,16 +416,14 @@ impl Store for ScyllaStore {
         enrollment_id: &str,
         command_uuid: &str,
     ) -> StoreResult<Option<CommandResult>> {
-        let value = self
-            .blob(
-                "result",
-                &self.statements.result,
-                (enrollment_id, command_uuid),
-            )
-            .await?;
-        value
-            .map(|v| rows::decode("result", command_uuid, &v))
-            .transpose()
+        let values = (enrollment_id, command_uuid);
+        self.record(
+            "result",
+            &self.statements.result,
+            values,
+            ("result", command_uuid),
+        )
+        .await
     }
 
     async fn push_cert(&self, topic: &str) -> StoreResult<Option<PushCertRecord>> {

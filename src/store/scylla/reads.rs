@@ -89,23 +89,24 @@ struct DeviceHead {
 
 impl ScyllaStore {
     pub(super) async fn read_enrollment(&self, id: &str) -> StoreResult<Option<EnrollmentRecord>> {
-        let value = self
-            .blob(
-                "enrollment",
-                &self.statements.device_row,
-                (id, section::ENROLLMENT, 0_i64),
-            )
-            .await?;
-        value
-            .map(|v| rows::decode("enrollment", id, &v))
-            .transpose()
+        let key = (id, section::ENROLLMENT, 0_i64);
+        self.record(
+            "enrollment",
+            &self.statements.device_row,
+            key,
+            ("enrollment", id),
+        )
+        .await
     }
 
     pub(super) async fn read_command(&self, uuid: &str) -> StoreResult<Option<StoredCommand>> {
-        let value = self
-            .blob("command", &self.statements.command, (uuid,))
-            .await?;
-        value.map(|v| rows::decode("command", uuid, &v)).transpose()
+        self.record(
+            "command",
+            &self.statements.command,
+            (uuid,),
+            ("command", uuid),
+        )
+        .await
     }
 
     pub(super) async fn queue_head(&self, id: &str) -> StoreResult<u64> {
@@ -192,10 +193,9 @@ impl ScyllaStore {
         kind: &str,
         name: &str,
     ) -> StoreResult<Option<T>> {
-        let value = self
-            .blob("shared_state", &self.statements.shared_one, (kind, name))
-            .await?;
-        value.map(|v| rows::decode(kind, name, &v)).transpose()
+        let statement = &self.statements.shared_one;
+        self.record("shared_state", statement, (kind, name), (kind, name))
+            .await
     }
 
     /// Everything an actor loads: the head rows, then the queue from the head, then the

@@ -131,14 +131,9 @@ impl ScyllaStore {
     }
 
     async fn device_wake(&self, id: &str) -> StoreResult<Option<WakeEntry>> {
-        let value = self
-            .blob(
-                "due_wakes",
-                &self.statements.device_row,
-                (id, section::WAKE, 0_i64),
-            )
-            .await?;
-        value.map(|v| rows::decode("wake", id, &v)).transpose()
+        let key = (id, section::WAKE, 0_i64);
+        self.record("due_wakes", &self.statements.device_row, key, ("wake", id))
+            .await
     }
 
     async fn delete_hint(&self, hint: &Hint) -> StoreResult<()> {
