@@ -305,7 +305,9 @@ mod tests {
             .iter()
             .flat_map(|m| &m.statements)
             .all(|s| !s.to_uppercase().contains(filtering)));
-        assert!(!include_str!("statements.rs").to_uppercase().contains(filtering));
+        assert!(!include_str!("statements.rs")
+            .to_uppercase()
+            .contains(filtering));
     }
 
     #[test]
