@@ -89,7 +89,7 @@ impl StoreUnderTest {
                 "--scylla-keyspace".into(),
                 keyspace.clone(),
                 "--scylla-replication".into(),
-                "1".into(),
+                nodes.len().min(3).to_string(),
             ],
         }
     }
@@ -102,6 +102,11 @@ impl Server {
     }
 
     pub fn start_with(extra: &[&str]) -> Server {
+        Server::start_on(StoreUnderTest::from_env(), extra)
+    }
+
+    /// A server on the given store, whatever `ORCHARD_TEST_STORE` says.
+    pub fn start_on(store: StoreUnderTest, extra: &[&str]) -> Server {
         let tmp = tempfile::tempdir().unwrap();
         let data_dir = tmp.path().join("data");
         let mut server = Server {
@@ -110,7 +115,7 @@ impl Server {
             base: String::new(),
             args: extra.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
-            store: StoreUnderTest::from_env(),
+            store,
             _tmp: Some(tmp),
         };
         server.spawn();
