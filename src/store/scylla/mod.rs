@@ -142,7 +142,7 @@ impl ScyllaStore {
                     }
                 };
                 runtime.block_on(async move {
-                    let store = ScyllaStore::connect(&config).await;
+                    let store = connect_patiently(&config).await;
                     let connected = store.is_ok();
                     let _ = ready.send(store);
                     if connected {
@@ -233,6 +233,23 @@ impl ScyllaStore {
     ) -> StoreResult<Option<T>> {
         let value = self.blob(op, statement, values).await?;
         value.map(|v| rows::decode(what.0, what.1, &v)).transpose()
+    }
+}
+
+/// How long startup keeps trying to reach the database (it may start after Orchard, or a
+/// node may be rejoining) before giving up.
+const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
+
+async fn connect_patiently(config: &ScyllaConfig) -> StoreResult<Arc<ScyllaStore>> {
+    let deadline = Instant::now() + STARTUP_PATIENCE;
+    loop {
+        match ScyllaStore::connect(config).await {
+            Err(e @ StoreError::Unavailable(_)) if Instant::now() < deadline => {
+                tracing::warn!(error = %e, "CQL store not ready; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            outcome => return outcome,
+        }
     }
 }
 
@@ -339,7 +356,7 @@ pub(crate) fn backend(e: impl std::fmt::Display) -> StoreError {
 
 /// A request that did not complete: the database may be down or overloaded, and the
 /// caller (a device, an operator) may retry; nothing was acknowledged.
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
+pub(crate) fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 

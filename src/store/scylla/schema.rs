@@ -15,7 +15,7 @@ use scylla::statement::unprepared::Statement;
 use scylla::statement::SerialConsistency;
 use sha2::{Digest, Sha256};
 
-use super::{backend, ScyllaConfig};
+use super::{backend, unavailable, ScyllaConfig};
 use crate::store::{StoreError, StoreResult};
 
 /// The schema file, compiled in: the binary carries the schema it was built for.
@@ -132,7 +132,7 @@ pub async fn is_scylla(session: &Session) -> StoreResult<bool> {
             (),
         )
         .await
-        .map_err(backend)?
+        .map_err(unavailable)?
         .into_rows_result()
         .map_err(backend)?;
     Ok(rows.rows_num() > 0)
@@ -217,7 +217,7 @@ async fn migrate(
         session
             .query_unpaged(record, (migration.version,))
             .await
-            .map_err(backend)?;
+            .map_err(unavailable)?;
     }
     Ok(())
 }
@@ -226,8 +226,11 @@ async fn migrate(
 async fn ddl(session: &Session, statement: &str) -> StoreResult<()> {
     let mut ddl = Statement::new(statement.to_string());
     ddl.set_request_timeout(Some(Duration::from_secs(60)));
-    session.query_unpaged(ddl, ()).await.map_err(backend)?;
-    session.await_schema_agreement().await.map_err(backend)?;
+    session.query_unpaged(ddl, ()).await.map_err(unavailable)?;
+    session
+        .await_schema_agreement()
+        .await
+        .map_err(unavailable)?;
     Ok(())
 }
 
@@ -240,7 +243,7 @@ async fn schema_version(session: &Session, ks: &str) -> StoreResult<i32> {
     let rows = session
         .query_unpaged(read, ())
         .await
-        .map_err(backend)?
+        .map_err(unavailable)?
         .into_rows_result()
         .map_err(backend)?;
     let version = rows
@@ -260,7 +263,7 @@ async fn take_lock(session: &Session, ks: &str, node: &str) -> StoreResult<bool>
     let result = session
         .query_unpaged(lock, (node,))
         .await
-        .map_err(backend)?;
+        .map_err(unavailable)?;
     super::lwt_applied(result)
 }
 
