@@ -253,3 +253,48 @@ mod tls {
         );
     }
 }
+
+/// protocol.md §2.5 across nodes: two devices presenting one certificate to two Orchard
+/// nodes on one CQL keyspace at the same moment — exactly one is enrolled, the other is
+/// refused with 403, and the winner alone keeps working through either node.
+#[actix_rt::test]
+async fn one_certificate_binds_one_device_even_through_two_nodes() {
+    let Some(cql) = cql::server() else {
+        cql::skip("binding race through two nodes");
+        return;
+    };
+    let store = StoreUnderTest::Cql {
+        nodes: vec![cql],
+        keyspace: cql::fresh_keyspace(),
+    };
+    let first = Server::start_on(store.clone(), &[]);
+    // The second node trusts the first node's identity CA (one fleet, one CA).
+    let ca = first.data_dir.join("identity-ca.pem");
+    let second = Server::start_on(store, &["--identity-ca", ca.to_str().unwrap()]);
+    for server in [&first, &second] {
+        upload_push_cert(server).await;
+    }
+    let a = Device::new(&first, DEVICE_A);
+    let b = Device {
+        udid: DEVICE_B.into(),
+        identity: a.identity.clone(),
+    };
+
+    let ((status_a, _), (status_b, _)) = futures_util::join!(
+        a.checkin(&first, a.authenticate()),
+        b.checkin(&second, b.authenticate()),
+    );
+
+    let mut statuses = [status_a, status_b];
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [200, 403],
+        "exactly one device binds the certificate"
+    );
+    let (winner, loser) = if status_a == 200 { (&a, &b) } else { (&b, &a) };
+    for server in [&first, &second] {
+        assert_eq!(winner.checkin(server, winner.token_update()).await.0, 200);
+        assert_eq!(loser.checkin(server, loser.token_update()).await.0, 403);
+    }
+}
