@@ -22,8 +22,11 @@ pub(super) const SET: &str = "set";
 
 /// Buckets read ahead while filling a page.
 const BUCKETS_AHEAD: usize = 4;
-/// Command bodies and DDM rows fetched at once for one page or one activation.
+/// Command bodies fetched at once for one activation.
 const FETCH_AHEAD: usize = 32;
+/// DDM rows fetched at once by a fleet walk: enough to keep every replica busy, well
+/// under the in-flight bound so device requests still get through.
+const FLEET_FETCH_AHEAD: usize = 256;
 
 /// What one read cost on the replicas, from the database's own query trace.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -337,7 +340,7 @@ impl ScyllaStore {
                     let head = self.read_head(&id, end).await?;
                     StoreResult::Ok((id, head))
                 })
-                .buffered(FETCH_AHEAD)
+                .buffered(FLEET_FETCH_AHEAD)
                 .try_collect()
                 .await?;
             found.extend(
