@@ -20,7 +20,7 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::value::CqlValue;
 
 use super::reads::{DECLARATION, PUSH_CERT, SET};
-use super::rows::{self, section, NumberedReport};
+use super::rows::{self, section, NumberedReport, WriteClock};
 use super::{lwt_row, unavailable, ScyllaStore};
 use crate::store::{CertFingerprint, Mutation, StoreError, StoreResult, WakeEntry};
 
@@ -66,41 +66,38 @@ pub(super) struct Plan {
 }
 
 /// Hands out the planned writes' timestamps in mutation order.
-struct Stamps {
-    next: i64,
+struct Stamps<'c> {
+    clock: &'c WriteClock,
+    now: i64,
     write_once: i64,
 }
 
-impl Stamps {
+impl Stamps<'_> {
     fn take(&mut self) -> CqlValue {
-        self.next += 1;
-        CqlValue::BigInt(self.next - 1)
+        CqlValue::BigInt(self.clock.reserve(1, self.now))
     }
 }
 
 impl Plan {
-    /// Plan `batch`; timestamps start at `first_stamp` and grow by one per write;
-    /// `reports` holds the report slots of every enrollment the batch appends a report to.
+    /// Plan `batch` at time `now` (microseconds); each write takes the next timestamp of
+    /// `clock`; `reports` holds the report slots of every enrollment the batch appends a
+    /// report to.
     pub fn of(
         batch: Vec<Mutation>,
-        first_stamp: i64,
-        write_once_stamp: i64,
+        clock: &WriteClock,
+        now: i64,
         mut reports: HashMap<String, ReportSlots>,
     ) -> StoreResult<Plan> {
         let mut plan = Plan::default();
         let mut stamps = Stamps {
-            next: first_stamp,
-            write_once: write_once_stamp,
+            clock,
+            now,
+            write_once: rows::write_once_timestamp(now),
         };
         for mutation in batch {
             plan.add(mutation, &mut stamps, &mut reports)?;
         }
         Ok(plan)
-    }
-
-    /// How many timestamps planning `batch` can take at most (an upper bound).
-    pub fn stamps_needed(batch: &[Mutation]) -> usize {
-        batch.len() * 3
     }
 
     fn device(&mut self, id: &str) -> &mut Vec<Write> {
@@ -364,8 +361,7 @@ impl ScyllaStore {
         }
         let reports = self.report_slots_for(&batch).await?;
         let now = rows::now_micros();
-        let first = self.clock.reserve(Plan::stamps_needed(&batch), now);
-        let plan = Plan::of(batch, first, rows::write_once_timestamp(now), reports)?;
+        let plan = Plan::of(batch, &self.clock, now, reports)?;
         try_join_all(plan.bindings.iter().map(|(fp, id)| self.bind(fp, id))).await?;
         self.write_each("apply_rows", &plan.before).await?;
         if !plan.before.is_empty() && !plan.devices.is_empty() {
@@ -488,5 +484,166 @@ impl ScyllaStore {
             Stmt::PutWake => &s.put_wake,
             Stmt::PutWakeMinute => &s.put_wake_minute,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{CommandResult, EnrollmentRecord, QueueEntry, ResultStatus, StoredCommand};
+
+    fn plan(batch: Vec<Mutation>) -> Plan {
+        Plan::of(batch, &WriteClock::default(), 1_000, HashMap::new()).unwrap()
+    }
+
+    fn stmts(writes: &[Write]) -> Vec<Stmt> {
+        writes.iter().map(|w| w.stmt).collect()
+    }
+
+    fn stamp(write: &Write) -> i64 {
+        let at = if write.stmt == Stmt::PutDeviceRow || write.stmt == Stmt::PutResult {
+            write.values.len() - 1
+        } else {
+            0
+        };
+        match write.values[at] {
+            CqlValue::BigInt(stamp) => stamp,
+            ref other => panic!("no timestamp: {other:?}"),
+        }
+    }
+
+    fn entry(seq: u64) -> QueueEntry {
+        QueueEntry::new(seq, &format!("cmd-{seq}"), "ProfileList", 0, 0)
+    }
+
+    #[test]
+    fn an_acknowledgement_is_one_single_partition_batch() {
+        let result = CommandResult {
+            command_uuid: "cmd-1".into(),
+            request_type: "ProfileList".into(),
+            status: ResultStatus::Acknowledged,
+            raw: b"<plist/>".to_vec(),
+            seq: 1,
+            received_at: 0,
+        };
+        let plan = plan(vec![
+            Mutation::PutResult {
+                enrollment_id: "d".into(),
+                result,
+            },
+            Mutation::RemoveQueueEntry {
+                enrollment_id: "d".into(),
+                seq: 1,
+                pending_from: 2,
+            },
+            Mutation::ClearWake {
+                enrollment_id: "d".into(),
+            },
+        ]);
+        assert!(plan.bindings.is_empty() && plan.before.is_empty() && plan.after.is_empty());
+        assert_eq!(
+            stmts(&plan.devices["d"]),
+            [
+                Stmt::PutResult,
+                Stmt::DeleteDeviceRow,
+                Stmt::PutDeviceRow,
+                Stmt::DeleteDeviceRow
+            ]
+        );
+    }
+
+    #[test]
+    fn a_command_body_and_the_wake_hint_are_written_before_the_queue_entry() {
+        let body = StoredCommand {
+            command_uuid: "cmd-1".into(),
+            request_type: "ProfileList".into(),
+            body: Vec::new(),
+        };
+        let plan = plan(vec![
+            Mutation::PutCommand(body),
+            Mutation::PutQueueEntry {
+                enrollment_id: "d".into(),
+                entry: entry(1),
+            },
+            Mutation::ScheduleWake {
+                enrollment_id: "d".into(),
+                due_at: 600,
+                attempt: 0,
+            },
+        ]);
+        assert_eq!(
+            stmts(&plan.before),
+            [Stmt::PutCommand, Stmt::PutWake, Stmt::PutWakeMinute]
+        );
+        assert_eq!(
+            stmts(&plan.devices["d"]),
+            [Stmt::PutDeviceRow, Stmt::PutDeviceRow]
+        );
+    }
+
+    #[test]
+    fn an_enrollment_is_bound_first_and_indexed_last() {
+        let record = EnrollmentRecord {
+            id: "d".into(),
+            ..EnrollmentRecord::default()
+        };
+        let plan = plan(vec![
+            Mutation::BindCertificate {
+                fingerprint: [7; 32],
+                enrollment_id: "d".into(),
+            },
+            Mutation::PutEnrollment(record),
+            Mutation::RemoveSetMember {
+                set: "s".into(),
+                enrollment_id: "d".into(),
+            },
+        ]);
+        assert_eq!(plan.bindings, [([7; 32], "d".to_string())]);
+        assert_eq!(stmts(&plan.devices["d"]), [Stmt::PutDeviceRow]);
+        assert_eq!(
+            stmts(&plan.after),
+            [Stmt::PutEnrollmentIndex, Stmt::DeleteSetMember]
+        );
+    }
+
+    #[test]
+    fn later_writes_of_a_batch_carry_later_timestamps() {
+        let plan = plan(vec![
+            Mutation::ClearQueue {
+                enrollment_id: "d".into(),
+            },
+            Mutation::PutQueueEntry {
+                enrollment_id: "d".into(),
+                entry: entry(1),
+            },
+        ]);
+        let writes = &plan.devices["d"];
+        assert!(
+            stamp(&writes[0]) < stamp(&writes[1]),
+            "the refill outlives the clear"
+        );
+    }
+
+    #[test]
+    fn a_report_overwrites_the_oldest_slot_of_the_ring() {
+        let report = crate::store::StoredReport {
+            received_at: 0,
+            json: "{}".into(),
+        };
+        let slots = HashMap::from([("d".to_string(), vec![(0, 4), (1, 3), (2, 1)])]);
+        let batch = vec![Mutation::AppendDdmReport {
+            enrollment_id: "d".into(),
+            report,
+            keep: 2,
+        }];
+        let plan = Plan::of(batch, &WriteClock::default(), 0, slots).unwrap();
+        let writes = &plan.devices["d"];
+        assert_eq!(
+            stmts(writes),
+            [Stmt::PutDeviceRow, Stmt::DeleteDeviceRow],
+            "report 5 goes to slot 1; slot 2 is beyond keep"
+        );
+        assert_eq!(writes[0].values[2], CqlValue::BigInt(1));
+        assert_eq!(writes[1].values[3], CqlValue::BigInt(2));
     }
 }
