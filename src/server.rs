@@ -11,7 +11,7 @@ use rustls_pki_types::CertificateDer;
 
 use crate::cluster::ShardMap;
 use crate::config::{ServeArgs, StoreKind, UserAuthenticateMode};
-use crate::ddm::catalog::Catalog;
+use crate::ddm::catalog::{Catalog, CatalogError};
 use crate::device::{DeviceSettings, Registry, UserAuthenticatePolicy};
 use crate::enroll::EnrollmentProfiles;
 use crate::http::{self, AppState, HttpSettings};
@@ -19,7 +19,7 @@ use crate::identity::{CertificateAuthority, IdentityVerifier};
 use crate::push::apns::{ApnsPush, ApnsSettings, Endpoint, DEVELOPMENT_URL, PRODUCTION_URL};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::scylla::{ScyllaConfig, ScyllaStore};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::telemetry;
 
 const API_KEY_FILE: &str = "api-key";
@@ -104,11 +104,7 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
     let timeout = http_settings.body_timeout;
     actix_web::rt::System::new().block_on(async move {
         publish_push_cert_expiry(&*store).await;
-        let catalog = Arc::new(
-            Catalog::load(Arc::clone(&store))
-                .await
-                .map_err(|e| fail("declaration catalog", e))?,
-        );
+        let catalog = Arc::new(load_catalog(&store).await?);
         let registry = Registry::new(
             Arc::clone(&store),
             catalog,
@@ -166,6 +162,26 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
 }
 
 /// Expiry of every stored push certificate, for alerting from the first scrape on.
+/// How long startup waits out a store that answers but cannot serve reads yet (a
+/// database node that just died and is not yet known to be down).
+const STARTUP_READ_PATIENCE: Duration = Duration::from_secs(60);
+
+/// The DDM catalog, read again while the store reports itself unavailable.
+async fn load_catalog(store: &Arc<dyn Store>) -> Result<Catalog, StartupError> {
+    let deadline = std::time::Instant::now() + STARTUP_READ_PATIENCE;
+    loop {
+        match Catalog::load(Arc::clone(store)).await {
+            Err(CatalogError::Store(e @ StoreError::Unavailable(_)))
+                if std::time::Instant::now() < deadline =>
+            {
+                tracing::warn!(error = %e, "declaration catalog not readable yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            loaded => return loaded.map_err(|e| fail("declaration catalog", e)),
+        }
+    }
+}
+
 async fn publish_push_cert_expiry(store: &dyn Store) {
     match store.push_certs().await {
         Ok(certs) => {
