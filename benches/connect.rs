@@ -65,6 +65,7 @@ async fn enrolled_device() -> Fixture {
         idle_timeout: Duration::from_secs(3600),
         max_resident: 1000,
         user_authenticate: UserAuthenticatePolicy::Decline,
+        ddm_stall_after_secs: 120,
     };
     let catalog = Arc::new(Catalog::load(store.clone()).await.unwrap());
     let registry = Registry::new(store, catalog, settings, ShardMap::single_node("bench"));

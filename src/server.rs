@@ -94,12 +94,12 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
             UserAuthenticateMode::Decline => UserAuthenticatePolicy::Decline,
             UserAuthenticateMode::EmptyChallenge => UserAuthenticatePolicy::EmptyChallenge,
         },
+        ddm_stall_after_secs: args.ddm_stall_after as i64,
     };
     let http_settings = HttpSettings {
         client_cert_header: args.client_cert_header.clone(),
         max_body_bytes: args.max_body_bytes,
         body_timeout: Duration::from_secs(args.request_timeout_secs.max(1)),
-        ddm_stall_after_secs: args.ddm_stall_after as i64,
     };
     let timeout = http_settings.body_timeout;
     actix_web::rt::System::new().block_on(async move {
@@ -111,6 +111,8 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
             settings,
             ShardMap::single_node("local"),
         );
+        let walk = Arc::clone(&registry);
+        actix_web::rt::spawn(async move { walk.tally().rebuild(&**walk.store()).await });
         let state = web::Data::new(AppState::new(
             http_settings,
             Arc::clone(&store),

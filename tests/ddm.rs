@@ -593,3 +593,162 @@ async fn a_set_can_be_assigned_to_many_enrollments_at_once() {
         receive_sync_command(&server, device).await;
     }
 }
+
+/// The fleet view and the fleet diagnosis, recounted from the store one enrollment at a
+/// time with the per-device doctor (what the fleet routes did before they had a tally).
+async fn recount(server: &Server, stall_after: i64, as_of: i64) -> (Json, Json) {
+    use orchard::ddm::catalog::Catalog;
+    use orchard::ddm::doctor::{diagnose, EnrollmentFacts};
+    use orchard::ddm::sync::DdmState;
+    use orchard::ddm::Validity;
+    use std::collections::BTreeMap;
+
+    let store = server.open_store().await;
+    let catalog = Catalog::load(store.clone()).await.unwrap();
+    let mut declarations: BTreeMap<String, BTreeMap<&str, u64>> = BTreeMap::new();
+    let mut rules: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.fleet_rows(after.as_deref(), 7).await.unwrap();
+        after = page.last().map(|(id, _)| id.clone());
+        for (_, rows) in &page {
+            let ddm = DdmState::decode(&rows.ddm).unwrap();
+            let facts = EnrollmentFacts::of(rows.enrollment.as_ref());
+            let manifest = catalog.manifest(&ddm.sets);
+            for finding in diagnose(&ddm, &manifest, &facts, as_of, stall_after) {
+                *rules.entry(finding.rule).or_default() += 1;
+            }
+            for item in manifest.manifest.items() {
+                let counts = declarations.entry(item.identifier.clone()).or_default();
+                *counts.entry("assigned").or_default() += 1;
+                let bucket = match ddm.status.declarations.get(&item.identifier) {
+                    None => "pending",
+                    Some(r) if r.server_token != item.server_token => "old_server_token",
+                    Some(r) if r.valid == Validity::Invalid => "invalid",
+                    Some(r) if r.active => "active",
+                    Some(_) => "inactive",
+                };
+                *counts.entry(bucket).or_default() += 1;
+            }
+        }
+        if page.len() < 7 {
+            break;
+        }
+    }
+    (json!(declarations), json!(rules))
+}
+
+/// One device's part in the fleet test: how far it gets through a sync.
+async fn sync_partly(server: &Server, device: &Device, behaviour: usize) {
+    receive_sync_command(server, device).await;
+    match behaviour {
+        0 => {
+            full_sync(server, device).await;
+        }
+        1 => {
+            // Reads the manifest, fetches nothing (SD-S05 once past the deadline).
+            ddm(server, device, "tokens", None).await;
+            ddm(server, device, "declaration-items", None).await;
+        }
+        2 => {
+            // Fetches a body and never reports (SD-S07).
+            ddm(server, device, "declaration-items", None).await;
+            let path = format!("declaration/configuration/{CONFIG}");
+            ddm(server, device, &path, None).await;
+        }
+        _ => {
+            // Refuses the configuration and reports an activation token that is not current.
+            let report = status_report(&[
+                ("configurations", CONFIG, "whatever", false, "invalid"),
+                ("activations", ACTIVATION, "old-token", true, "valid"),
+            ]);
+            ddm(server, device, "status", Some(report)).await;
+        }
+    }
+}
+
+async fn fleet_views(server: &Server) -> (Json, Json) {
+    let (status, declarations) = api(server, "GET", "/api/v1/ddm/fleet/declarations", None).await;
+    assert_eq!(status, 200, "{declarations}");
+    let (status, diagnosis) = api(server, "GET", "/api/v1/ddm/diagnosis", None).await;
+    assert_eq!(status, 200, "{diagnosis}");
+    (declarations, diagnosis)
+}
+
+fn as_of(diagnosis: &Json) -> i64 {
+    let as_of = diagnosis["as_of"].as_str().unwrap();
+    let parsed = time::OffsetDateTime::parse(as_of, &time::format_description::well_known::Rfc3339);
+    parsed.unwrap().unix_timestamp()
+}
+
+#[actix_rt::test]
+async fn fleet_tallies_equal_a_full_recount_under_concurrent_syncs_and_after_a_restart() {
+    // Actors passivate after a second, which persists their timelines.
+    let stall_after = 1;
+    let mut server = Server::start_with(&["--ddm-stall-after", "1", "--actor-idle-secs", "1"]);
+    let devices: Vec<Device> = (0..24)
+        .map(|n| Device::new(&server, &format!("FLEET-{n:02}")))
+        .collect();
+    futures_util::future::join_all(devices.iter().map(|d| d.enroll(&server))).await;
+    publish(&server).await;
+    // A set with the activation but not the configuration it activates (SD-P08).
+    let path = format!("/api/v1/ddm/set-declarations/dangling?declaration={ACTIVATION}");
+    assert_eq!(api(&server, "PUT", &path, None).await.0, 204);
+    let (defaults, danglings) = devices.split_at(18);
+    for (set, group) in [("default", defaults), ("dangling", &danglings[..4])] {
+        let ids: Vec<&str> = group.iter().map(|d| d.udid.as_str()).collect();
+        let body = json!({"set": set, "enrollments": ids});
+        let (status, _) = api(&server, "POST", "/api/v1/ddm/assignments", Some(body)).await;
+        assert_eq!(status, 200);
+    }
+
+    futures_util::future::join_all(
+        defaults
+            .iter()
+            .enumerate()
+            .map(|(n, device)| sync_partly(&server, device, n % 4)),
+    )
+    .await;
+    // A new revision while the fleet is mid-sync: holders of the old one are now behind.
+    let (status, _) = api(
+        &server,
+        "PUT",
+        "/api/v1/ddm/declarations",
+        Some(test_config("v2")),
+    )
+    .await;
+    assert_eq!(status, 204);
+    actix_rt::time::sleep(Duration::from_millis(2500)).await;
+
+    let (declarations, diagnosis) = fleet_views(&server).await;
+    assert_eq!(
+        diagnosis["enrollments"], 24,
+        "every enrollment has a DDM state"
+    );
+    assert_eq!(declarations[CONFIG]["assigned"], 18);
+    assert_eq!(
+        declarations[CONFIG]["active"],
+        Json::Null,
+        "nobody holds the new revision"
+    );
+    server.kill9();
+    let (expected_declarations, expected_rules) =
+        recount(&server, stall_after, as_of(&diagnosis)).await;
+    assert_eq!(declarations, expected_declarations);
+    assert_eq!(diagnosis["rules"], expected_rules);
+    for rule in ["SD-T01", "SD-T02", "SD-P08", "SD-E03"] {
+        assert!(
+            expected_rules[rule].as_u64() > Some(0),
+            "{rule} in {expected_rules}"
+        );
+    }
+
+    // A restarted server rebuilds its tally from the store and answers the same.
+    server.restart();
+    let (declarations, diagnosis) = fleet_views(&server).await;
+    server.kill9();
+    let (expected_declarations, expected_rules) =
+        recount(&server, stall_after, as_of(&diagnosis)).await;
+    assert_eq!(declarations, expected_declarations);
+    assert_eq!(diagnosis["rules"], expected_rules);
+}

@@ -15,9 +15,9 @@ use std::sync::Arc;
 use orchard::store::embedded::EmbeddedStore;
 use orchard::store::scylla::{ScyllaConfig, ScyllaStore};
 use orchard::store::{
-    CommandResult, DdmRecord, DdmRows, DeclarationRecord, DeclarationSet, DeviceRecords,
-    EnrollmentKind, EnrollmentRecord, Mutation, PushCertRecord, PushInfo, QueueEntry, ResultStatus,
-    Store, StoreError, StoredCommand, StoredReport, WakeEntry,
+    CommandResult, DdmRecord, DeclarationRecord, DeclarationSet, DeviceRecords, EnrollmentKind,
+    EnrollmentRecord, Mutation, PushCertRecord, PushInfo, QueueEntry, ResultStatus, Store,
+    StoreError, StoredCommand, StoredReport, WakeEntry,
 };
 
 /// A fresh, empty storage location that can be opened (and reopened) as a store.
@@ -598,39 +598,30 @@ mod cases {
         assert_eq!(store.device("d2").await.unwrap().ddm, ddm(b"two", None));
         assert_eq!(store.device("d3").await.unwrap().ddm, DdmRecord::default());
 
-        let all = store
-            .ddm_states(None, 10, DdmRows::StateAndTimeline)
-            .await
-            .unwrap();
-        let by_id: std::collections::BTreeMap<_, _> = all.iter().cloned().collect();
+        // The fleet walk reads each enrollment with a DDM state together with its record.
+        let all = store.fleet_rows(None, 10).await.unwrap();
+        let by_id: std::collections::BTreeMap<_, _> = all
+            .iter()
+            .map(|(id, rows)| (id.clone(), (rows.enrollment.clone(), rows.ddm.clone())))
+            .collect();
         assert_eq!(
             by_id,
             [
-                ("d1".to_string(), ddm(b"uno", Some(b"events"))),
-                ("d2".to_string(), ddm(b"two", None))
+                (
+                    "d1".to_string(),
+                    (Some(enrollment("d1")), ddm(b"uno", Some(b"events")))
+                ),
+                (
+                    "d2".to_string(),
+                    (Some(enrollment("d2")), ddm(b"two", None))
+                )
             ]
             .into()
         );
-        let first = store
-            .ddm_states(None, 1, DdmRows::StateAndTimeline)
-            .await
-            .unwrap();
+        let first = store.fleet_rows(None, 1).await.unwrap();
         assert_eq!(first, all[..1]);
-        let rest = store
-            .ddm_states(Some(&all[0].0), 10, DdmRows::StateAndTimeline)
-            .await
-            .unwrap();
+        let rest = store.fleet_rows(Some(&all[0].0), 10).await.unwrap();
         assert_eq!(rest, all[1..]);
-        let states_only = store.ddm_states(None, 10, DdmRows::State).await.unwrap();
-        let states_only: std::collections::BTreeMap<_, _> = states_only.into_iter().collect();
-        assert_eq!(
-            states_only,
-            [
-                ("d1".to_string(), ddm(b"uno", None)),
-                ("d2".to_string(), ddm(b"two", None))
-            ]
-            .into()
-        );
     }
 
     pub async fn status_reports_keep_only_the_newest<B: Backend>(backend: B) {

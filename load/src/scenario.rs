@@ -424,17 +424,13 @@ async fn mixed(
 }
 
 /// Orchard's own count of devices per declaration state, as a cross-check of what the
-/// devices believe they reported.
+/// devices believe they reported, and its fleet diagnosis (both timed in the API stats).
 async fn fleet_view(fleet: &Fleet) -> Option<serde_json::Value> {
-    let (_, body) = fleet
-        .http
-        .api(
-            "api:fleet-declarations",
-            Method::GET,
-            "/api/v1/ddm/fleet/declarations",
-            None,
-        )
-        .await
-        .ok()?;
-    serde_json::from_slice(&body).ok()
+    let get = |label, path| async move {
+        let (_, body) = fleet.http.api(label, Method::GET, path, None).await.ok()?;
+        serde_json::from_slice::<serde_json::Value>(&body).ok()
+    };
+    let declarations = get("api:fleet-declarations", "/api/v1/ddm/fleet/declarations").await?;
+    let diagnosis = get("api:fleet-diagnosis", "/api/v1/ddm/diagnosis").await?;
+    Some(serde_json::json!({ "declarations": declarations, "diagnosis": diagnosis }))
 }

@@ -225,11 +225,17 @@ fn every_online_device_converges_on_a_changed_declaration() {
         assert_eq!(phase["completed"], phase["expected"], "{phase}");
     }
     assert_eq!(count(&summary["convergence_ms"], "count"), expected);
-    let config = &summary["server_view"]["com.orchard-load.test"];
+    let view = &summary["server_view"];
+    let config = &view["declarations"]["com.orchard-load.test"];
     assert_eq!(
         config["active"].as_u64(),
         Some(expected),
         "Orchard agrees: {config}"
+    );
+    assert_eq!(
+        view["diagnosis"]["enrollments"].as_u64(),
+        Some(150),
+        "every enrolled device is counted by the diagnosis: {view}"
     );
     assert!(requests(&summary, "ddm:status") >= 2 * expected);
 }

@@ -2,14 +2,18 @@
 //! merged status, the manifest it should hold, and enrollment facts. Each finding names
 //! the rule, a severity, the evidence, and what to do.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::catalog::ManifestSnapshot;
-use super::sync::{DdmState, SyncEventKind};
-use super::{check_references, Declaration, Severity, Validity};
+use super::sync::{DdmState, SyncEvent, SyncEventKind};
+use super::{
+    check_references, Declaration, DeclarationStatus, EnrollmentStatus, ManifestItem, Severity,
+    Validity,
+};
+use crate::store::EnrollmentRecord;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -28,11 +32,29 @@ pub struct Finding {
 }
 
 /// What the doctor needs to know about the enrollment besides its DDM state.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct EnrollmentFacts {
     pub enabled: bool,
     pub push_token_valid: bool,
     pub awaiting_configuration: bool,
+}
+
+impl EnrollmentFacts {
+    /// The facts of a stored enrollment (an unknown one: not enabled, nothing to flag).
+    pub fn of(record: Option<&EnrollmentRecord>) -> EnrollmentFacts {
+        record
+            .map(|r| EnrollmentFacts {
+                enabled: r.enabled,
+                push_token_valid: r.push_token_valid && r.push.is_some(),
+                awaiting_configuration: r.awaiting_configuration,
+            })
+            .unwrap_or_default()
+    }
+
+    /// SD-A01's condition: push is expected but APNs refused the token.
+    pub(super) fn push_token_broken(&self) -> bool {
+        self.enabled && !self.push_token_valid
+    }
 }
 
 /// Every rule, in a fixed order.
@@ -62,26 +84,13 @@ fn stalled_after_items(
     stall_after: i64,
     findings: &mut Vec<Finding>,
 ) {
-    let Some((position, served_at, token)) =
-        state
-            .timeline
-            .iter()
-            .enumerate()
-            .rev()
-            .find_map(|(i, e)| match &e.kind {
-                SyncEventKind::Items { token, .. } => Some((i, e.at, token.clone())),
-                _ => None,
-            })
-    else {
+    let Some((served_at, token)) = items_without_fetch(&state.timeline) else {
         return;
     };
-    let fetched_since = state
-        .timeline
-        .iter()
-        .skip(position + 1)
-        .any(|e| matches!(e.kind, SyncEventKind::Declaration { .. }));
-    let expected = expected_fetches(state, manifest);
-    if fetched_since || expected.is_empty() || now - served_at < stall_after {
+    let expected: Vec<String> = items_not_held(manifest, &state.status)
+        .map(|(item, _)| item.identifier.clone())
+        .collect();
+    if expected.is_empty() || now - served_at < stall_after {
         return;
     }
     findings.push(Finding {
@@ -97,21 +106,49 @@ fn stalled_after_items(
     });
 }
 
-/// Manifest items the device does not hold at their current ServerToken.
-fn expected_fetches(state: &DdmState, manifest: &ManifestSnapshot) -> Vec<String> {
-    manifest
-        .manifest
-        .items()
+/// When the last `declaration-items` was served and its DeclarationsToken, if no
+/// declaration was fetched after it (SD-S05's clock).
+pub(super) fn items_without_fetch(timeline: &VecDeque<SyncEvent>) -> Option<(i64, &str)> {
+    let (position, served_at, token) =
+        timeline
+            .iter()
+            .enumerate()
+            .rev()
+            .find_map(|(i, e)| match &e.kind {
+                SyncEventKind::Items { token, .. } => Some((i, e.at, token.as_str())),
+                _ => None,
+            })?;
+    let fetched_since = timeline
         .iter()
-        .filter(|item| {
-            state
-                .status
-                .declarations
-                .get(&item.identifier)
-                .is_none_or(|s| s.server_token != item.server_token)
-        })
-        .map(|item| item.identifier.clone())
-        .collect()
+        .skip(position + 1)
+        .any(|e| matches!(e.kind, SyncEventKind::Declaration { .. }));
+    (!fetched_since).then_some((served_at, token))
+}
+
+/// The ServerToken an enrollment reports for a declaration: the merged status for one
+/// device, the reduced facts for the fleet tally.
+pub(super) trait ReportedTokens {
+    fn reported_token(&self, identifier: &str) -> Option<&str>;
+}
+
+impl ReportedTokens for EnrollmentStatus {
+    fn reported_token(&self, identifier: &str) -> Option<&str> {
+        self.declarations
+            .get(identifier)
+            .map(|s| s.server_token.as_str())
+    }
+}
+
+/// Manifest items the enrollment does not hold at their current ServerToken, each with
+/// the token it reports (`None`: never reported).
+pub(super) fn items_not_held<'a>(
+    manifest: &'a ManifestSnapshot,
+    reported: &'a impl ReportedTokens,
+) -> impl Iterator<Item = (&'a ManifestItem, Option<&'a str>)> + 'a {
+    manifest.manifest.items().iter().filter_map(|item| {
+        let token = reported.reported_token(&item.identifier);
+        (token != Some(item.server_token.as_str())).then_some((item, token))
+    })
 }
 
 /// SD-S07: bodies fetched, no status report since.
@@ -121,28 +158,35 @@ fn no_status_after_fetches(
     stall_after: i64,
     findings: &mut Vec<Finding>,
 ) {
-    let last_fetch = state
-        .timeline
+    let Some(fetched_at) = fetch_without_status(&state.timeline) else {
+        return;
+    };
+    if now - fetched_at < stall_after {
+        return;
+    }
+    findings.push(Finding {
+        rule: "SD-S07",
+        severity: FindingSeverity::Warning,
+        evidence: json!({ "last_fetch_at": rfc3339(fetched_at), "seconds_since": now - fetched_at }),
+        fix: "The device fetched declarations but has not reported status. Check proxy body limits on the status check-in (413s at the edge) and re-trigger a sync.".into(),
+    });
+}
+
+/// When the last declaration body was served, if no status report came at or after it
+/// (SD-S07's clock).
+pub(super) fn fetch_without_status(timeline: &VecDeque<SyncEvent>) -> Option<i64> {
+    let fetch = timeline
         .iter()
         .rev()
-        .find(|e| matches!(e.kind, SyncEventKind::Declaration { served: true, .. }));
-    let Some(fetch) = last_fetch else { return };
-    let reported_after = state.timeline.iter().any(|e| {
+        .find(|e| matches!(e.kind, SyncEventKind::Declaration { served: true, .. }))?;
+    let reported_after = timeline.iter().any(|e| {
         e.at >= fetch.at
             && matches!(
                 e.kind,
                 SyncEventKind::Status { .. } | SyncEventKind::StatusUnparseable { .. }
             )
     });
-    if reported_after || now - fetch.at < stall_after {
-        return;
-    }
-    findings.push(Finding {
-        rule: "SD-S07",
-        severity: FindingSeverity::Warning,
-        evidence: json!({ "last_fetch_at": rfc3339(fetch.at), "seconds_since": now - fetch.at }),
-        fix: "The device fetched declarations but has not reported status. Check proxy body limits on the status check-in (413s at the edge) and re-trigger a sync.".into(),
-    });
+    (!reported_after).then_some(fetch.at)
 }
 
 /// SD-T01: the device reports an older (or newer) ServerToken than the current one.
@@ -151,16 +195,12 @@ fn reported_token_differs(
     manifest: &ManifestSnapshot,
     findings: &mut Vec<Finding>,
 ) {
-    let stale: Vec<Value> = manifest
-        .manifest
-        .items()
-        .iter()
-        .filter_map(|item| {
-            let reported = state.status.declarations.get(&item.identifier)?;
-            (reported.server_token != item.server_token).then(|| {
+    let stale: Vec<Value> = items_not_held(manifest, &state.status)
+        .filter_map(|(item, reported)| {
+            reported.map(|reported| {
                 json!({
                     "identifier": item.identifier,
-                    "reported_server_token": reported.server_token,
+                    "reported_server_token": reported,
                     "current_server_token": item.server_token,
                 })
             })
@@ -183,7 +223,7 @@ fn invalid_declarations(state: &DdmState, findings: &mut Vec<Finding>) {
         .status
         .declarations
         .values()
-        .filter(|d| d.valid == Validity::Invalid || d.reasons.iter().any(|r| r.code.starts_with("Error.")))
+        .filter(|d| is_rejected(d))
         .map(|d| {
             json!({
                 "identifier": d.identifier,
@@ -204,14 +244,14 @@ fn invalid_declarations(state: &DdmState, findings: &mut Vec<Finding>) {
     });
 }
 
+/// Whether the device refused the declaration (SD-T02).
+pub(super) fn is_rejected(status: &DeclarationStatus) -> bool {
+    status.valid == Validity::Invalid || status.reasons.iter().any(|r| r.code.starts_with("Error."))
+}
+
 /// SD-P08/SD-P09: references that do not resolve within the device's own manifest.
 fn missing_references(manifest: &ManifestSnapshot, findings: &mut Vec<Finding>) {
-    let declarations: Vec<&Declaration> = manifest.declarations().map(|d| d.as_ref()).collect();
-    let problems: Vec<Value> = check_references(&declarations)
-        .into_iter()
-        .filter(|issue| issue.severity == Severity::Error)
-        .map(|issue| json!({ "rule": issue.rule, "path": issue.path, "message": issue.message }))
-        .collect();
+    let problems = reference_problems(manifest);
     if problems.is_empty() {
         return;
     }
@@ -223,37 +263,27 @@ fn missing_references(manifest: &ManifestSnapshot, findings: &mut Vec<Finding>) 
     });
 }
 
+/// The reference errors within a manifest (SD-P08's evidence).
+pub(super) fn reference_problems(manifest: &ManifestSnapshot) -> Vec<Value> {
+    let declarations: Vec<&Declaration> = manifest.declarations().map(|d| d.as_ref()).collect();
+    check_references(&declarations)
+        .into_iter()
+        .filter(|issue| issue.severity == Severity::Error)
+        .map(|issue| json!({ "rule": issue.rule, "path": issue.path, "message": issue.message }))
+        .collect()
+}
+
 /// SD-E02: declaration types the device says it does not support.
 fn unsupported_types(state: &DdmState, manifest: &ManifestSnapshot, findings: &mut Vec<Finding>) {
     let Some(supported) = state
         .status
         .client_capabilities
         .as_ref()
-        .and_then(|c| c.pointer("/supported-payloads/declarations"))
+        .and_then(SupportedTypes::from_capabilities)
     else {
         return;
     };
-    let mut unsupported: BTreeMap<String, String> = BTreeMap::new();
-    for declaration in manifest.declarations() {
-        let Some(category) = declaration.category() else {
-            continue;
-        };
-        let Some(list) = supported
-            .get(category.status_key())
-            .and_then(Value::as_array)
-        else {
-            continue;
-        };
-        if !list
-            .iter()
-            .any(|t| t.as_str() == Some(declaration.declaration_type.as_str()))
-        {
-            unsupported.insert(
-                declaration.identifier.clone(),
-                declaration.declaration_type.clone(),
-            );
-        }
-    }
+    let unsupported = supported.unsupported_in(manifest);
     if unsupported.is_empty() {
         return;
     }
@@ -263,6 +293,45 @@ fn unsupported_types(state: &DdmState, manifest: &ManifestSnapshot, findings: &m
         evidence: json!({ "unsupported": unsupported }),
         fix: "The device's client-capabilities do not list these declaration types (platform, OS version or enrollment type). Assign them only to devices that support them.".into(),
     });
+}
+
+/// The declaration types a device's client-capabilities list as supported, per status
+/// category key (`activations`, `configurations`, ...). A category the device lists no
+/// array for is not checked.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SupportedTypes(BTreeMap<String, BTreeSet<String>>);
+
+impl SupportedTypes {
+    /// `None` when the capabilities carry no `supported-payloads/declarations`.
+    pub fn from_capabilities(capabilities: &Value) -> Option<SupportedTypes> {
+        let declarations = capabilities.pointer("/supported-payloads/declarations")?;
+        let lists =
+            declarations
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter_map(|(category, types)| {
+                    let types = types.as_array()?.iter().filter_map(Value::as_str);
+                    Some((category.clone(), types.map(str::to_owned).collect()))
+                });
+        Some(SupportedTypes(lists.collect()))
+    }
+
+    /// Declarations of `manifest` whose type is missing from their category's list, with
+    /// that type.
+    pub fn unsupported_in(&self, manifest: &ManifestSnapshot) -> BTreeMap<String, String> {
+        manifest
+            .declarations()
+            .filter(|declaration| {
+                declaration.category().is_some_and(|category| {
+                    self.0
+                        .get(category.status_key())
+                        .is_some_and(|types| !types.contains(&declaration.declaration_type))
+                })
+            })
+            .map(|d| (d.identifier.clone(), d.declaration_type.clone()))
+            .collect()
+    }
 }
 
 /// SD-E01, SD-A01, SD-E03: the enrollment itself prevents or delays syncing.
@@ -275,7 +344,7 @@ fn gating(state: &DdmState, facts: &EnrollmentFacts, findings: &mut Vec<Finding>
             fix: "The device is waiting in Setup Assistant and may not process declarations until released: send DeviceConfigured when its setup commands are done.".into(),
         });
     }
-    if facts.enabled && !facts.push_token_valid {
+    if facts.push_token_broken() {
         findings.push(Finding {
             rule: "SD-A01",
             severity: FindingSeverity::Error,

@@ -10,6 +10,7 @@
 pub mod catalog;
 mod declaration;
 pub mod doctor;
+pub mod fleet;
 mod json_text;
 mod manifest;
 mod path;

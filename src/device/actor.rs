@@ -10,7 +10,10 @@ use actix::prelude::*;
 
 use super::messages::*;
 use super::queue::{CommandQueue, Pending};
+use super::tally::{Counted, WriteOutcome};
 use super::{now_millis, now_secs, DeviceError, Registry, UserAuthenticatePolicy};
+use crate::ddm::doctor::EnrollmentFacts;
+use crate::ddm::fleet::FleetFacts;
 use crate::ddm::sync::DdmState;
 use crate::protocol::checkin;
 use crate::protocol::checkin::{Authenticate, CheckinMessage, TokenUpdate};
@@ -28,6 +31,12 @@ const LAST_SEEN_FLUSH_SECS: i64 = 300;
 /// A push requested this recently, with no device contact since, is still pending: more
 /// enqueues do not push again (the re-push sweep covers a lost wake-up).
 const PUSH_PENDING_WINDOW: Duration = Duration::from_secs(60);
+
+/// A write that moves the enrollment between fleet facts.
+struct FleetTransition {
+    before: Counted,
+    after: FleetFacts,
+}
 
 pub(super) type Reply<T> = AtomicResponse<DeviceActor, Result<T, DeviceError>>;
 
@@ -59,6 +68,9 @@ pub(super) struct Loaded {
     wake_scheduled: bool,
     /// When an enqueue last asked for a push; cleared by any device contact.
     push_requested_at: Option<std::time::Instant>,
+    /// What the fleet tally counts for this enrollment: the facts of its rows as last
+    /// durably written.
+    counted: Counted,
 }
 
 impl DeviceActor {
@@ -129,10 +141,13 @@ impl DeviceActor {
             Mutation::PutEnrollment(record) if record.id == self.id => Some(record.last_seen),
             _ => None,
         });
+        let tallied = self.tally_before_write(&batch);
         let store = Arc::clone(self.registry.store());
         let write = async move { store.apply(batch).await };
         Box::pin(write.into_actor(self).map(
-            move |written, act, ctx| match written {
+            move |written, act, ctx| {
+                act.tally_after_write(tallied, &written);
+                match written {
                 Ok(()) => {
                     if let (Some(last_seen), Ok(loaded)) = (written_last_seen, act.loaded()) {
                         loaded.persisted_last_seen = last_seen;
@@ -145,8 +160,74 @@ impl DeviceActor {
                     ctx.stop();
                     Err(e.into())
                 }
-            },
+            }},
         ))
+    }
+
+    /// The fleet facts `batch` leaves this enrollment with, when they differ from what the
+    /// tally counts; the tally is told before the write is sent.
+    fn tally_before_write(&mut self, batch: &[Mutation]) -> Option<FleetTransition> {
+        let id = self.id.clone();
+        let tally = Arc::clone(&self.registry);
+        let tally = tally.tally();
+        let (mut state, mut timeline, mut enrollment) = (false, false, None);
+        for mutation in batch {
+            match mutation {
+                Mutation::PutDdmState { enrollment_id, .. } if *enrollment_id == id => state = true,
+                Mutation::PutDdmTimeline { enrollment_id, .. } if *enrollment_id == id => {
+                    timeline = true
+                }
+                Mutation::PutEnrollment(record) if record.id == id => {
+                    enrollment = Some(EnrollmentFacts::of(Some(record)))
+                }
+                _ => {}
+            }
+        }
+        let loaded = self.loaded().ok()?;
+        let base = match (&loaded.counted, state) {
+            (Some(counted), _) => (**counted).clone(),
+            // The first DDM state row: the enrollment starts being counted.
+            (None, true) => {
+                FleetFacts::default().with_enrollment(EnrollmentFacts::of(loaded.record.as_ref()))
+            }
+            (None, false) => return None,
+        };
+        let mut after = base;
+        if state {
+            after = after.with_state(&loaded.ddm);
+        }
+        if timeline {
+            after = after.with_timeline(&loaded.ddm.timeline, tally.stall_after_secs());
+        }
+        if let Some(enrollment) = enrollment {
+            after = after.with_enrollment(enrollment);
+        }
+        if loaded.counted.as_deref() == Some(&after) {
+            return None;
+        }
+        tally.writing(&id, &loaded.counted);
+        Some(FleetTransition {
+            before: loaded.counted.clone(),
+            after,
+        })
+    }
+
+    fn tally_after_write(
+        &mut self,
+        transition: Option<FleetTransition>,
+        written: &Result<(), crate::store::StoreError>,
+    ) {
+        let Some(FleetTransition { before, after }) = transition else {
+            return;
+        };
+        let outcome = match written {
+            Ok(()) => WriteOutcome::Written(Some(after)),
+            Err(_) => WriteOutcome::Unknown,
+        };
+        let counted = self.registry.tally().written(&self.id, &before, outcome);
+        if let Ok(loaded) = self.loaded() {
+            loaded.counted = counted;
+        }
     }
 
     pub(super) fn immediate<T: 'static>(result: Result<T, DeviceError>) -> Reply<T> {
@@ -609,15 +690,21 @@ impl DeviceActor {
                     }
                 })
                 .collect();
+            let facts = registry.tally().facts(
+                records.ddm.state.is_some().then_some(&ddm),
+                EnrollmentFacts::of(records.enrollment.as_ref()),
+            );
             Ok::<_, crate::store::StoreError>((
                 records.enrollment,
                 CommandQueue::from_pending(pending, records.queue_floor),
                 ddm,
+                facts,
             ))
         };
         ctx.wait(load.into_actor(self).map(|loaded, act, ctx| match loaded {
-            Ok((record, queue, ddm)) => {
+            Ok((record, queue, ddm, facts)) => {
                 metrics::gauge!("orchard_queue_depth").increment(queue.len() as f64);
+                let counted = act.registry.tally().activated(&act.id, facts);
                 act.state = State::Ready(Box::new(Loaded {
                     persisted_last_seen: record.as_ref().map_or(0, |r| r.last_seen),
                     wake_scheduled: !queue.is_empty(),
@@ -626,6 +713,7 @@ impl DeviceActor {
                     ddm_dirty: false,
                     record,
                     queue,
+                    counted,
                 }));
             }
             Err(e) => {
@@ -668,11 +756,15 @@ impl DeviceActor {
             ctx.stop();
             return;
         }
+        let tallied = self.tally_before_write(&batch);
         let store = Arc::clone(self.registry.store());
         ctx.wait(
             async move { store.apply(batch).await }
                 .into_actor(self)
-                .map(|_, _, ctx: &mut Context<Self>| ctx.stop()),
+                .map(|written, act, ctx: &mut Context<Self>| {
+                    act.tally_after_write(tallied, &written);
+                    ctx.stop()
+                }),
         );
     }
 }

@@ -15,6 +15,7 @@ mod actor;
 mod declarative;
 pub mod messages;
 pub mod queue;
+pub mod tally;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -28,6 +29,7 @@ pub use actor::DeviceActor;
 use crate::cluster::{shard_of, ShardMap};
 use crate::ddm::catalog::Catalog;
 use crate::store::{Store, StoreError, StoredCommand};
+use tally::FleetTally;
 
 /// How Orchard answers the first `UserAuthenticate` of a user channel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +50,9 @@ pub struct DeviceSettings {
     pub repush_max_interval: Duration,
     pub max_resident: usize,
     pub user_authenticate: UserAuthenticatePolicy,
+    /// The sync doctor's stall deadline (`--ddm-stall-after`), which the fleet tally's
+    /// facts carry.
+    pub ddm_stall_after_secs: i64,
 }
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -135,6 +140,7 @@ pub struct Registry {
     /// Command bodies shared by every resident queue that holds them (a fleet-wide
     /// command is one allocation, not one per device).
     bodies: DashMap<String, Weak<StoredCommand>>,
+    tally: FleetTally,
 }
 
 impl Registry {
@@ -144,6 +150,7 @@ impl Registry {
         settings: DeviceSettings,
         shards: ShardMap,
     ) -> Arc<Self> {
+        let tally = FleetTally::new(settings.ddm_stall_after_secs);
         Arc::new(Registry {
             slots: DashMap::new(),
             store,
@@ -152,6 +159,7 @@ impl Registry {
             shards,
             incarnations: AtomicU64::new(0),
             bodies: DashMap::new(),
+            tally,
         })
     }
 
@@ -165,6 +173,11 @@ impl Registry {
 
     pub fn settings(&self) -> &DeviceSettings {
         &self.settings
+    }
+
+    /// The fleet tally the actors keep current.
+    pub fn tally(&self) -> &FleetTally {
+        &self.tally
     }
 
     pub fn resident_count(&self) -> usize {

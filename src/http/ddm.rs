@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -17,14 +18,12 @@ use super::AppState;
 use crate::commands;
 use crate::ddm::catalog::{CatalogError, Change};
 use crate::ddm::doctor::{diagnose, EnrollmentFacts, Finding};
+use crate::ddm::fleet::minute_floor;
 use crate::ddm::sync::DdmState;
 use crate::ddm::{Issue, Validity};
 use crate::device::messages::{DdmView, GetDdmView};
+use crate::device::tally::FleetTally;
 use crate::device::DeviceError;
-use crate::store::DdmRows;
-
-/// DDM states read per page by the fleet views.
-const FLEET_PAGE: usize = 1000;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     let resource = |path: &str| web::resource(format!("/ddm{path}"));
@@ -548,64 +547,30 @@ async fn bulk_assign(
     })))
 }
 
-/// Every enrollment's DDM state (with its timeline only if `rows` asks for it), page by page.
-async fn each_ddm_state(
-    state: &AppState,
-    rows: DdmRows,
-    mut visit: impl FnMut(&str, DdmState),
-) -> Result<(), Rejection> {
-    let mut after: Option<String> = None;
-    loop {
-        let page = state
-            .store
-            .ddm_states(after.as_deref(), FLEET_PAGE, rows)
-            .await
-            .map_err(Rejection::store_failure)?;
-        let full = page.len() == FLEET_PAGE;
-        after = page.last().map(|(id, _)| id.clone());
-        for (id, record) in page {
-            if let Ok(ddm) = DdmState::decode(&record) {
-                visit(&id, ddm);
-            }
-        }
-        if !full {
-            return Ok(());
-        }
+/// How long a fleet route waits for the fleet tally's startup walk before answering 503.
+const TALLY_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Wait for the fleet tally, or refuse with 503 and the walk's progress.
+async fn ready_tally(state: &AppState) -> Result<&FleetTally, Rejection> {
+    let tally = state.registry.tally();
+    match tally.wait_ready(TALLY_PATIENCE).await {
+        Ok(()) => Ok(tally),
+        Err(walked) => Err(Rejection::api(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "fleet_tally_warming",
+            format!("the fleet tally is still being rebuilt after startup ({walked} enrollments read); retry shortly"),
+        )),
     }
 }
 
 /// `GET /api/v1/ddm/fleet/declarations`: per declaration, how many enrollments have it
-/// active, invalid, pending (assigned, not reported at its current token) or on an old token.
+/// active, invalid, pending (assigned, not reported at its current token) or on an old
+/// token. Answered from the fleet tally against the current manifests.
 async fn fleet_declarations(state: web::Data<AppState>) -> Result<HttpResponse, Rejection> {
+    let tally = ready_tally(&state).await?;
     let catalog = Arc::clone(state.registry.catalog());
-    let mut fleet: BTreeMap<String, BTreeMap<&'static str, u64>> = BTreeMap::new();
-    each_ddm_state(&state, DdmRows::State, |_, ddm| {
-        let snapshot = catalog.manifest(&ddm.sets);
-        for item in snapshot.manifest.items() {
-            let counts = fleet.entry(item.identifier.clone()).or_default();
-            *counts.entry("assigned").or_default() += 1;
-            let bucket = match ddm.status.declarations.get(&item.identifier) {
-                None => "pending",
-                Some(reported) if reported.server_token != item.server_token => "old_server_token",
-                Some(reported) if reported.valid == Validity::Invalid => "invalid",
-                Some(reported) if reported.active => "active",
-                Some(_) => "inactive",
-            };
-            *counts.entry(bucket).or_default() += 1;
-        }
-    })
-    .await?;
+    let fleet = tally.declarations(&|sets| catalog.manifest(sets));
     Ok(HttpResponse::Ok().json(fleet))
-}
-
-fn facts_of(record: Option<crate::store::EnrollmentRecord>) -> EnrollmentFacts {
-    record
-        .map(|r| EnrollmentFacts {
-            enabled: r.enabled,
-            push_token_valid: r.push_token_valid && r.push.is_some(),
-            awaiting_configuration: r.awaiting_configuration,
-        })
-        .unwrap_or_default()
 }
 
 fn findings_for(state: &AppState, ddm: &DdmState, facts: &EnrollmentFacts) -> Vec<Finding> {
@@ -615,7 +580,7 @@ fn findings_for(state: &AppState, ddm: &DdmState, facts: &EnrollmentFacts) -> Ve
         &snapshot,
         facts,
         crate::device::now_secs(),
-        state.settings.ddm_stall_after_secs,
+        state.registry.settings().ddm_stall_after_secs,
     )
 }
 
@@ -669,26 +634,19 @@ async fn device_reports(
     })))
 }
 
-/// `GET /api/v1/ddm/diagnosis`: enrollments per doctor rule across the fleet.
+/// `GET /api/v1/ddm/diagnosis`: enrollments per doctor rule across the fleet, as of the
+/// start of the current minute (stall deadlines are tallied to the minute).
 async fn fleet_diagnosis(state: web::Data<AppState>) -> Result<HttpResponse, Rejection> {
-    let mut states = Vec::new();
-    each_ddm_state(&state, DdmRows::StateAndTimeline, |id, ddm| {
-        states.push((id.to_string(), ddm))
-    })
-    .await?;
-    let mut per_rule: BTreeMap<&'static str, u64> = BTreeMap::new();
-    for (id, ddm) in states {
-        let record = state
-            .store
-            .enrollment(&id)
-            .await
-            .map_err(Rejection::store_failure)?;
-        for finding in findings_for(&state, &ddm, &facts_of(record)) {
-            *per_rule.entry(finding.rule).or_default() += 1;
-        }
-    }
+    let tally = ready_tally(&state).await?;
+    let catalog = Arc::clone(state.registry.catalog());
+    let as_of = minute_floor(crate::device::now_secs());
+    let (per_rule, enrollments) = tally.findings(&|sets| catalog.manifest(sets), as_of);
     for (rule, count) in &per_rule {
         metrics::gauge!("orchard_ddm_enrollments_with_finding", "rule" => *rule).set(*count as f64);
     }
-    Ok(HttpResponse::Ok().json(json!({ "rules": per_rule })))
+    Ok(HttpResponse::Ok().json(json!({
+        "rules": per_rule,
+        "enrollments": enrollments,
+        "as_of": rfc3339(as_of),
+    })))
 }

@@ -34,8 +34,6 @@ pub struct HttpSettings {
     pub client_cert_header: Option<String>,
     pub max_body_bytes: usize,
     pub body_timeout: Duration,
-    /// Sync doctor: seconds after `declaration-items` without fetches that count as a stall.
-    pub ddm_stall_after_secs: i64,
 }
 
 /// Everything a handler may use; shared by all workers.

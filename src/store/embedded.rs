@@ -38,8 +38,8 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
 use super::{
-    CertFingerprint, CommandResult, DdmRecord, DdmRows, DeclarationRecord, DeclarationSet,
-    DeviceRecords, EnrollmentRecord, Mutation, PushCertRecord, QueueEntry, Store, StoreError,
+    CertFingerprint, CommandResult, DdmRecord, DeclarationRecord, DeclarationSet, DeviceRecords,
+    EnrollmentRecord, FleetRows, Mutation, PushCertRecord, QueueEntry, Store, StoreError,
     StoreResult, StoredCommand, StoredReport, WakeEntry,
 };
 
@@ -483,14 +483,13 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn ddm_states(
+    async fn fleet_rows(
         &self,
         after: Option<&str>,
         limit: usize,
-        wanted: DdmRows,
-    ) -> StoreResult<Vec<(String, DdmRecord)>> {
+    ) -> StoreResult<Vec<(String, FleetRows)>> {
         let after = after.map(str::to_owned);
-        self.read("ddm_states", move |snapshot| {
+        self.read("fleet_rows", move |snapshot| {
             let table = snapshot.open_table(DDM_STATE).map_err(backend_error)?;
             let start = after
                 .as_deref()
@@ -499,16 +498,13 @@ impl Store for EmbeddedStore {
             let rows = table.range(start.as_str()..).map_err(backend_error)?;
             rows.take(limit)
                 .map(|row| {
-                    let (key, state) = row.map_err(backend_error)?;
+                    let (key, _) = row.map_err(backend_error)?;
                     let id = key.value().to_owned();
-                    let ddm = match wanted {
-                        DdmRows::State => DdmRecord {
-                            state: Some(state.value().to_vec()),
-                            timeline: None,
-                        },
-                        DdmRows::StateAndTimeline => read_ddm(snapshot, &id)?,
+                    let rows = FleetRows {
+                        enrollment: read_row(snapshot, ENROLLMENTS, "enrollment", &id)?,
+                        ddm: read_ddm(snapshot, &id)?,
                     };
-                    Ok((id, ddm))
+                    Ok((id, rows))
                 })
                 .collect()
         })

@@ -297,12 +297,11 @@ pub struct DdmRecord {
     pub timeline: Option<Vec<u8>>,
 }
 
-/// Which DDM rows a fleet scan reads: the fleet view needs only the state, the fleet
-/// diagnosis the timeline too (the larger row).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DdmRows {
-    State,
-    StateAndTimeline,
+/// The rows of one enrollment that the fleet tally reduces.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FleetRows {
+    pub enrollment: Option<EnrollmentRecord>,
+    pub ddm: DdmRecord,
 }
 
 /// A status report exactly as the device sent it, kept for the report history.
@@ -396,15 +395,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<String>>;
     /// Everything the enrollment's actor needs to activate, from one snapshot.
     async fn device(&self, id: &str) -> StoreResult<DeviceRecords>;
-    /// DDM rows of enrollments that have a DDM state, in the page order of
-    /// [`Store::enrollment_ids`], strictly after `after`, at most `limit` (fleet views page
-    /// through them); the timelines only when asked for.
-    async fn ddm_states(
+    /// The enrollment and DDM rows of enrollments that have a DDM state, in the page
+    /// order of [`Store::enrollment_ids`], strictly after `after`, at most `limit` (the
+    /// fleet tally's startup walk pages through them).
+    async fn fleet_rows(
         &self,
         after: Option<&str>,
         limit: usize,
-        rows: DdmRows,
-    ) -> StoreResult<Vec<(String, DdmRecord)>>;
+    ) -> StoreResult<Vec<(String, FleetRows)>>;
     /// The enrollment's kept raw status reports, oldest first.
     async fn ddm_reports(&self, enrollment_id: &str) -> StoreResult<Vec<StoredReport>>;
     /// Whether the store answers now (readiness), at the cost of one small read.

@@ -212,6 +212,23 @@ impl Server {
         &self.store
     }
 
+    /// The server's store opened by the test itself (the embedded one only while the
+    /// server is stopped: the file is locked by its owner).
+    pub async fn open_store(&self) -> std::sync::Arc<dyn orchard::store::Store> {
+        match &self.store {
+            StoreUnderTest::Embedded => {
+                orchard::store::embedded::EmbeddedStore::open(&self.data_dir)
+                    .expect("open the embedded store")
+            }
+            StoreUnderTest::Cql { nodes, keyspace } => {
+                let config = cql::config(nodes.clone(), keyspace, nodes.len().min(3) as u32);
+                orchard::store::scylla::ScyllaStore::connect(&config)
+                    .await
+                    .expect("connect to the CQL store")
+            }
+        }
+    }
+
     pub fn ca(&self) -> CertificateAuthority {
         CertificateAuthority::load_or_create(&self.data_dir).expect("server CA in the data dir")
     }

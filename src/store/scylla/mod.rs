@@ -48,8 +48,8 @@ use tokio::sync::Semaphore;
 use self::rows::WriteClock;
 use self::statements::Statements;
 use super::{
-    CertFingerprint, CommandResult, DdmRecord, DdmRows, DeclarationRecord, DeclarationSet,
-    DeviceRecords, EnrollmentRecord, Mutation, PushCertRecord, QueueEntry, Store, StoreError,
+    CertFingerprint, CommandResult, DeclarationRecord, DeclarationSet, DeviceRecords,
+    EnrollmentRecord, FleetRows, Mutation, PushCertRecord, QueueEntry, Store, StoreError,
     StoreResult, StoredCommand, StoredReport, WakeEntry,
 };
 
@@ -476,13 +476,12 @@ impl Store for ScyllaStore {
         self.read_device(id).await
     }
 
-    async fn ddm_states(
+    async fn fleet_rows(
         &self,
         after: Option<&str>,
         limit: usize,
-        rows: DdmRows,
-    ) -> StoreResult<Vec<(String, DdmRecord)>> {
-        self.page_ddm_states(after, limit, rows).await
+    ) -> StoreResult<Vec<(String, FleetRows)>> {
+        self.page_fleet_rows(after, limit).await
     }
 
     async fn ddm_reports(&self, enrollment_id: &str) -> StoreResult<Vec<StoredReport>> {

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use super::rows::{self, section, NumberedReport};
 use super::{backend, ScyllaStore};
 use crate::store::{
-    CommandResult, DdmRecord, DdmRows, DeviceRecords, EnrollmentRecord, QueueEntry, StoreError,
+    CommandResult, DdmRecord, DeviceRecords, EnrollmentRecord, FleetRows, QueueEntry, StoreError,
     StoreResult, StoredCommand,
 };
 
@@ -318,17 +318,13 @@ impl ScyllaStore {
         Ok(ids.into_iter().map(|(id,)| id).collect())
     }
 
-    /// DDM rows of enrollments that have a state, walking the enrollment index.
-    pub(super) async fn page_ddm_states(
+    /// Enrollment and DDM rows of enrollments that have a DDM state, walking the
+    /// enrollment index.
+    pub(super) async fn page_fleet_rows(
         &self,
         after: Option<&str>,
         limit: usize,
-        which: DdmRows,
-    ) -> StoreResult<Vec<(String, DdmRecord)>> {
-        let end = match which {
-            DdmRows::State => section::DDM_TIMELINE,
-            DdmRows::StateAndTimeline => section::WAKE,
-        };
+    ) -> StoreResult<Vec<(String, FleetRows)>> {
         let mut found = Vec::new();
         let mut cursor = after.map(str::to_string);
         while found.len() < limit {
@@ -337,18 +333,26 @@ impl ScyllaStore {
             cursor = ids.last().cloned();
             let heads: Vec<(String, DeviceHead)> = stream::iter(ids)
                 .map(|id| async move {
-                    let head = self.read_head(&id, end).await?;
+                    let head = self.read_head(&id, section::WAKE).await?;
                     StoreResult::Ok((id, head))
                 })
                 .buffered(FLEET_FETCH_AHEAD)
                 .try_collect()
                 .await?;
-            found.extend(
-                heads
-                    .into_iter()
-                    .filter(|(_, head)| head.ddm.state.is_some())
-                    .map(|(id, head)| (id, head.ddm)),
-            );
+            for (id, head) in heads {
+                if head.ddm.state.is_none() {
+                    continue;
+                }
+                let enrollment = head
+                    .enrollment
+                    .map(|v| rows::decode("enrollment", &id, &v))
+                    .transpose()?;
+                let rows = FleetRows {
+                    enrollment,
+                    ddm: head.ddm,
+                };
+                found.push((id, rows));
+            }
             if exhausted {
                 break;
             }
