@@ -68,7 +68,8 @@ async fn enrolled_device() -> Fixture {
         ddm_stall_after_secs: 120,
     };
     let catalog = Arc::new(Catalog::load(store.clone()).await.unwrap());
-    let registry = Registry::new(store, catalog, settings, ShardMap::single_node("bench"));
+    let placement = Arc::new(ShardMap::single_node("bench"));
+    let registry = Registry::new(store, catalog, settings, placement);
     for message in [
         "nanomdm/Authenticate.2.plist",
         "nanomdm/TokenUpdate.2.plist",

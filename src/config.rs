@@ -148,6 +148,26 @@ pub struct ServeArgs {
     #[arg(long, env = "ORCHARD_SCYLLA_MAX_IN_FLIGHT", default_value_t = 1024)]
     pub scylla_max_in_flight: usize,
 
+    /// This node's stable name in the cluster (--store scylla); generated once and kept
+    /// in the data directory when not given.
+    #[arg(long, env = "ORCHARD_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Base URL at which the other nodes reach this node's listener (default:
+    /// http://<listen>).
+    #[arg(long, env = "ORCHARD_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+
+    /// Secret shared by every node of a cluster; with --store scylla it makes this node a
+    /// cluster member (shard leases, fenced writes) and authenticates node-to-node calls.
+    #[arg(long, env = "ORCHARD_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+
+    /// Shard lease length in seconds: a node that stops heartbeating loses its shards
+    /// after this long.
+    #[arg(long, env = "ORCHARD_LEASE_SECS", default_value_t = 10)]
+    pub lease_secs: u64,
+
     /// Page cache of the embedded store, in MiB.
     #[arg(long, env = "ORCHARD_STORE_CACHE_MB", default_value_t = 256)]
     pub store_cache_mb: usize,

@@ -9,7 +9,7 @@ use actix_web::{web, App, HttpServer};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
-use crate::cluster::ShardMap;
+use crate::cluster::{ClusterNode, ClusterSettings, Placement, ShardHost, ShardMap};
 use crate::config::{ServeArgs, StoreKind, UserAuthenticateMode};
 use crate::ddm::catalog::{Catalog, CatalogError};
 use crate::device::{DeviceSettings, Registry, UserAuthenticatePolicy};
@@ -43,13 +43,30 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
             e,
         )
     })?;
-    let store: Arc<dyn Store> = match args.store {
+    let (store, cluster): (Arc<dyn Store>, Option<Arc<ClusterNode>>) = match args.store {
         StoreKind::Embedded => {
-            EmbeddedStore::open_with_cache(&args.data_dir, args.store_cache_mb.max(1) << 20)
-                .map_err(|e| fail("cannot open the embedded store", e))?
+            let store =
+                EmbeddedStore::open_with_cache(&args.data_dir, args.store_cache_mb.max(1) << 20)
+                    .map_err(|e| fail("cannot open the embedded store", e))?;
+            (store, None)
         }
-        StoreKind::Scylla => ScyllaStore::start(scylla_config(&args)?)
-            .map_err(|e| fail("cannot open the CQL store", e))?,
+        StoreKind::Scylla => {
+            let store = ScyllaStore::start(scylla_config(&args)?)
+                .map_err(|e| fail("cannot open the CQL store", e))?;
+            let node = match &args.cluster_secret {
+                Some(_) => {
+                    let node = ClusterNode::new(cluster_settings(&args)?, store.clone());
+                    store.fence_with(node.clone());
+                    Some(node)
+                }
+                None => None,
+            };
+            (store, node)
+        }
+    };
+    let placement: Arc<dyn Placement> = match &cluster {
+        Some(node) => node.clone(),
+        None => Arc::new(ShardMap::single_node("local")),
     };
     let ca = Arc::new(
         CertificateAuthority::load_or_create(&args.data_dir).map_err(|e| fail("identity CA", e))?,
@@ -105,15 +122,14 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
     actix_web::rt::System::new().block_on(async move {
         publish_push_cert_expiry(&*store).await;
         let catalog = Arc::new(load_catalog(&store).await?);
-        let registry = Registry::new(
-            Arc::clone(&store),
-            catalog,
-            settings,
-            ShardMap::single_node("local"),
-        );
+        let registry = Registry::new(Arc::clone(&store), catalog, settings, placement);
+        let membership = match &cluster {
+            Some(node) => Some(join_cluster(node.clone(), registry.clone()).await?),
+            None => None,
+        };
         let walk = Arc::clone(&registry);
         actix_web::rt::spawn(async move { walk.tally().rebuild(&**walk.store()).await });
-        let state = web::Data::new(AppState::new(
+        let mut state = AppState::new(
             http_settings,
             Arc::clone(&store),
             Arc::clone(&registry),
@@ -122,7 +138,9 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
             profiles,
             &api_key,
             metrics,
-        ));
+        );
+        state.cluster = cluster;
+        let state = web::Data::new(state);
         let app_state = state.clone();
         let mut server = HttpServer::new(move || {
             App::new()
@@ -159,7 +177,98 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
         actix_web::rt::spawn(sweep_actors(Arc::clone(&registry)));
         let interval = Duration::from_secs(args.repush_interval_secs.max(1));
         actix_web::rt::spawn(sweep_repushes(registry, store, push, interval));
-        server.run().await.map_err(|e| fail("server", e))
+        let server = server.disable_signals().run();
+        actix_web::rt::spawn(stop_on_signal(server.handle(), membership));
+        server.await.map_err(|e| fail("server", e))
+    })
+}
+
+/// A running cluster membership: how to stop it, and its task.
+struct Membership {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: actix_web::rt::task::JoinHandle<()>,
+}
+
+/// Start this node's membership and wait for its first round (heartbeat written, free
+/// shards taken), so a node that answers has a place in the cluster.
+async fn join_cluster(
+    node: Arc<ClusterNode>,
+    host: Arc<dyn ShardHost>,
+) -> Result<Membership, StartupError> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (joined, on_joined) = tokio::sync::oneshot::channel();
+    let task = actix_web::rt::spawn(node.run(host, joined, async move {
+        let _ = stopped.await;
+    }));
+    tokio::time::timeout(STARTUP_READ_PATIENCE, on_joined)
+        .await
+        .map_err(|_| StartupError("could not join the cluster: no round succeeded".into()))?
+        .map_err(|_| StartupError("the cluster membership task stopped".into()))?;
+    Ok(Membership { stop, task })
+}
+
+/// On SIGTERM or SIGINT: a cluster node hands every shard over first (actors flushed,
+/// leases freed) while it still answers — requests for moved shards get 503 and are
+/// retried elsewhere — and only then stops serving HTTP.
+async fn stop_on_signal(server: actix_web::dev::ServerHandle, membership: Option<Membership>) {
+    shutdown_signal().await;
+    tracing::info!("stopping");
+    if let Some(membership) = membership {
+        let _ = membership.stop.send(());
+        let _ = membership.task.await;
+    }
+    server.stop(true).await;
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            tracing::error!("cannot listen for signals; stop with SIGKILL");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+const NODE_ID_FILE: &str = "node-id";
+
+/// `--node-id`, `--advertise-url` and `--lease-secs`; a node id not given is generated
+/// once and kept in the data directory, so a restarted node is the same node.
+fn cluster_settings(args: &ServeArgs) -> Result<ClusterSettings, StartupError> {
+    let node_id = match &args.node_id {
+        Some(id) => id.clone(),
+        None => {
+            let path = args.data_dir.join(NODE_ID_FILE);
+            match std::fs::read_to_string(&path) {
+                Ok(id) if !id.trim().is_empty() => id.trim().to_string(),
+                _ => {
+                    let id = format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+                    std::fs::write(&path, &id)
+                        .map_err(|e| fail(&format!("cannot write {}", path.display()), e))?;
+                    id
+                }
+            }
+        }
+    };
+    if args.lease_secs < 2 {
+        return Err(StartupError("--lease-secs must be at least 2".into()));
+    }
+    Ok(ClusterSettings {
+        node_id,
+        advertise_url: args
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", args.listen)),
+        lease: Duration::from_secs(args.lease_secs),
     })
 }
 
@@ -363,12 +472,6 @@ fn print_banner(
         None => {
             let _ = writeln!(out, "enrollment URL: {scheme}://{}/mdm/enroll (answers 409 until --server-url https://... is set)", addrs.first().map(|a| a.to_string()).unwrap_or_default());
         }
-    }
-    if args.apns_url.is_some() || args.apns_ca.is_some() {
-        let _ = writeln!(
-            out,
-            "note: pushes are recorded, not sent (no APNs client in this build)"
-        );
     }
     let _ = out.flush();
 }

@@ -1035,6 +1035,14 @@ impl Handler<WakeDue> for DeviceActor {
     }
 }
 
+impl Handler<Abandon> for DeviceActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Abandon, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
 impl Handler<Passivate> for DeviceActor {
     type Result = ();
 

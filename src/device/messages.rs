@@ -178,3 +178,9 @@ pub struct DdmView {
 #[derive(Clone, Debug, Message)]
 #[rtype(result = "()")]
 pub struct Passivate;
+
+/// Stop without writing anything: the device's shard belongs to another node now, and
+/// what this actor holds may be stale.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "()")]
+pub struct Abandon;

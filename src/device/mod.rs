@@ -17,16 +17,18 @@ pub mod messages;
 pub mod queue;
 pub mod tally;
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use actix::{Actor, Addr, Handler, MailboxError, Message};
 use dashmap::DashMap;
+use futures_util::future::BoxFuture;
 
 pub use actor::DeviceActor;
 
-use crate::cluster::{shard_of, ShardMap};
+use crate::cluster::{shard_of, Placement, ShardHost, ShardId};
 use crate::ddm::catalog::Catalog;
 use crate::store::{Store, StoreError, StoredCommand};
 use tally::FleetTally;
@@ -79,7 +81,7 @@ pub enum DeviceError {
     NotPushable(&'static str),
     #[error("storage failure: {0}")]
     Store(String),
-    #[error("the device's shard is owned by another node")]
+    #[error("the device's shard is not served by this node now")]
     NotLocal,
     #[error("the device actor did not answer")]
     Unavailable,
@@ -135,7 +137,7 @@ pub struct Registry {
     store: Arc<dyn Store>,
     catalog: Arc<Catalog>,
     settings: DeviceSettings,
-    shards: ShardMap,
+    placement: Arc<dyn Placement>,
     incarnations: AtomicU64,
     /// Command bodies shared by every resident queue that holds them (a fleet-wide
     /// command is one allocation, not one per device).
@@ -148,7 +150,7 @@ impl Registry {
         store: Arc<dyn Store>,
         catalog: Arc<Catalog>,
         settings: DeviceSettings,
-        shards: ShardMap,
+        placement: Arc<dyn Placement>,
     ) -> Arc<Self> {
         let tally = FleetTally::new(settings.ddm_stall_after_secs);
         Arc::new(Registry {
@@ -156,7 +158,7 @@ impl Registry {
             store,
             catalog,
             settings,
-            shards,
+            placement,
             incarnations: AtomicU64::new(0),
             bodies: DashMap::new(),
             tally,
@@ -260,7 +262,7 @@ impl Registry {
     }
 
     fn activate(self: &Arc<Self>, id: &str) -> Result<(Addr<DeviceActor>, u64), DeviceError> {
-        if !self.shards.is_local(shard_of(id)) {
+        if !self.placement.accepts(shard_of(id)) {
             return Err(DeviceError::NotLocal);
         }
         if let Some(slot) = self.slots.get(id) {
@@ -289,6 +291,44 @@ impl Registry {
     fn forget(&self, id: &str, incarnation: u64) {
         self.slots
             .remove_if(id, |_, slot| slot.incarnation == incarnation);
+    }
+}
+
+/// How often a hand-off looks whether the passivated actors have stopped, and how long it
+/// waits for them at most (an actor whose flush hangs is abandoned: the store refuses its
+/// write once the shard is gone, so nothing stale lands).
+const HANDOFF_POLL: Duration = Duration::from_millis(20);
+const HANDOFF_PATIENCE: Duration = Duration::from_secs(10);
+
+impl Registry {
+    fn resident_in(&self, shards: &HashSet<ShardId>) -> Vec<(String, Addr<DeviceActor>)> {
+        self.slots
+            .iter()
+            .filter(|slot| shards.contains(&shard_of(slot.key())))
+            .map(|slot| (slot.key().clone(), slot.addr.clone()))
+            .collect()
+    }
+}
+
+impl ShardHost for Registry {
+    fn passivate(self: Arc<Self>, shards: HashSet<ShardId>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            for (_, addr) in self.resident_in(&shards) {
+                addr.do_send(messages::Passivate);
+            }
+            let deadline = std::time::Instant::now() + HANDOFF_PATIENCE;
+            while !self.resident_in(&shards).is_empty() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(HANDOFF_POLL).await;
+            }
+            self.abandon(&shards);
+        })
+    }
+
+    fn abandon(&self, shards: &HashSet<ShardId>) {
+        for (id, addr) in self.resident_in(shards) {
+            self.slots.remove(&id);
+            addr.do_send(messages::Abandon);
+        }
     }
 }
 

@@ -29,6 +29,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     )
     .route("/devices", web::get().to(list_devices))
     .route("/devices/{id}", web::get().to(get_device))
+    .route("/cluster", web::get().to(cluster_status))
     .route("/devices/{id}/commands", web::get().to(device_commands))
     .route("/devices/{id}/commands", web::post().to(enqueue_for_device))
     .route(
@@ -85,7 +86,7 @@ async fn get_device(
 ) -> Result<HttpResponse, Rejection> {
     let DeviceSnapshot { record, pending } = snapshot(&state, &id).await?;
     let device_info: BTreeMap<_, _> = record.device_info.iter().cloned().collect();
-    Ok(HttpResponse::Ok().json(serde_json::json!({
+    let mut view = serde_json::json!({
         "id": record.id,
         "device_id": record.device_id,
         "kind": record.kind.as_str(),
@@ -102,6 +103,43 @@ async fn get_device(
         "user_channels": record.user_channels,
         "pending_commands": pending.len(),
         "device_info": device_info,
+    });
+    if let Some(cluster) = &state.cluster {
+        let shard = crate::cluster::shard_of(&record.id);
+        view["shard"] = shard.0.into();
+        view["owner"] = cluster.owner(shard).map(|(node, _)| node).into();
+    }
+    Ok(HttpResponse::Ok().json(view))
+}
+
+/// `GET /api/v1/cluster`: every node this node knows of, alive or not, with the shards
+/// it holds (contract §4); 404 outside cluster mode.
+async fn cluster_status(state: web::Data<AppState>) -> Result<HttpResponse, Rejection> {
+    let Some(cluster) = &state.cluster else {
+        return Err(Rejection::api(
+            StatusCode::NOT_FOUND,
+            "not_a_cluster",
+            "this node runs without a cluster (--store scylla --cluster-secret)",
+        ));
+    };
+    let (nodes, unowned) = cluster.status();
+    let nodes: Vec<_> = nodes
+        .into_iter()
+        .map(|node| {
+            serde_json::json!({
+                "node_id": node.node_id,
+                "advertise_url": node.advertise_url,
+                "alive": node.alive,
+                "shards": node.shards,
+                "last_heartbeat": rfc3339(node.last_heartbeat_millis.div_euclid(1000)),
+            })
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "node_id": cluster.node_id(),
+        "nodes": nodes,
+        "shards_total": crate::cluster::VIRTUAL_SHARDS,
+        "shards_unowned": unowned,
     })))
 }
 

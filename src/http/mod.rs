@@ -46,6 +46,8 @@ pub struct AppState {
     pub profiles: EnrollmentProfiles,
     pub api_key: auth::ApiKey,
     pub metrics: PrometheusHandle,
+    /// This node's place in the cluster (`--store scylla --cluster-secret`).
+    pub cluster: Option<Arc<crate::cluster::ClusterNode>>,
 }
 
 impl AppState {
@@ -69,6 +71,7 @@ impl AppState {
             profiles,
             api_key: auth::ApiKey::new(api_key),
             metrics,
+            cluster: None,
         }
     }
 }

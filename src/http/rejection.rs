@@ -100,8 +100,10 @@ impl Rejection {
             DeviceError::DeclarationNotFound(_) | DeviceError::UnknownDdmEndpoint(_) => {
                 StatusCode::NOT_FOUND
             }
-            DeviceError::NotLocal => StatusCode::MISDIRECTED_REQUEST,
-            DeviceError::Store(_) | DeviceError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            // A shard moving between nodes: the device retries after Retry-After.
+            DeviceError::NotLocal | DeviceError::Store(_) | DeviceError::Unavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         };
         Rejection::device(status, e.reason(), e.to_string())
     }

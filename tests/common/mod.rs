@@ -107,6 +107,15 @@ impl Server {
 
     /// A server on the given store, whatever `ORCHARD_TEST_STORE` says.
     pub fn start_on(store: StoreUnderTest, extra: &[&str]) -> Server {
+        Server::start_on_with_env(store, extra, &[])
+    }
+
+    /// [`Server::start_on`] with environment variables set for the first start.
+    pub fn start_on_with_env(
+        store: StoreUnderTest,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         let tmp = tempfile::tempdir().unwrap();
         let data_dir = tmp.path().join("data");
         let mut server = Server {
@@ -118,6 +127,9 @@ impl Server {
             store,
             _tmp: Some(tmp),
         };
+        for (key, value) in env {
+            server.set_env(key, Some(value));
+        }
         server.spawn();
         server
     }
@@ -176,6 +188,16 @@ impl Server {
             child.kill().unwrap();
             child.wait().unwrap();
         }
+    }
+
+    /// Send a signal (`"STOP"`, `"CONT"`, `"TERM"`) to the server process.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("server running").id();
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} {pid}");
     }
 
     /// Start again on the same data dir and store (new port).

@@ -18,6 +18,7 @@
 //! `orchard_store_errors_total{op}`, `orchard_store_in_flight`), and every batch
 //! (`orchard_store_apply_seconds`, as on the embedded store).
 
+mod cluster;
 mod reads;
 mod rows;
 
@@ -29,7 +30,7 @@ mod writes;
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -52,6 +53,7 @@ use super::{
     EnrollmentRecord, FleetRows, Mutation, PushCertRecord, QueueEntry, Store, StoreError,
     StoreResult, StoredCommand, StoredReport, WakeEntry,
 };
+use crate::cluster::WriteFence;
 
 /// Consistency of every read and write: a majority of the local datacenter's replicas.
 pub(crate) const WRITE_CONSISTENCY: Consistency = Consistency::LocalQuorum;
@@ -103,6 +105,8 @@ pub struct ScyllaStore {
     clock: WriteClock,
     in_flight: Semaphore,
     request_timeout: Duration,
+    /// In cluster mode, the lease epochs device writes are fenced with.
+    fence: OnceLock<Arc<dyn WriteFence>>,
 }
 
 impl ScyllaStore {
@@ -120,7 +124,16 @@ impl ScyllaStore {
             clock: WriteClock::default(),
             in_flight: Semaphore::new(config.max_in_flight.max(1)),
             request_timeout: config.request_timeout,
+            fence: OnceLock::new(),
         }))
+    }
+
+    /// From now on, write a device's rows only while `fence` grants an epoch for its
+    /// shard, and stamp them with it (cluster mode; set once, at startup).
+    pub fn fence_with(&self, fence: Arc<dyn WriteFence>) {
+        if self.fence.set(fence).is_err() {
+            tracing::warn!("the write fence is set once; ignoring a second one");
+        }
     }
 
     /// [`ScyllaStore::connect`] on a runtime thread of its own (`orchard-cql`), for a

@@ -8,6 +8,7 @@ use scylla::client::session::Session;
 use scylla::statement::prepared::PreparedStatement;
 
 use super::backend;
+use super::cluster::CLUSTER;
 use super::rows::section::{QUEUE, RESULTS};
 use crate::store::StoreResult;
 
@@ -41,6 +42,12 @@ pub struct Statements {
     pub put_wake_minute: PreparedStatement,
     pub wake_minutes: PreparedStatement,
     pub drop_wake_minutes: PreparedStatement,
+    pub put_node: PreparedStatement,
+    pub forget_node: PreparedStatement,
+    pub nodes: PreparedStatement,
+    pub shard_owners: PreparedStatement,
+    pub claim_new_shard: PreparedStatement,
+    pub move_shard: PreparedStatement,
 }
 
 impl Statements {
@@ -80,6 +87,12 @@ impl Statements {
             put_wake_minute: p(format!("INSERT INTO {ks}.wake_minutes (part, minute) VALUES (?, ?) USING TIMESTAMP ?"), true).await?,
             wake_minutes: p(format!("SELECT minute FROM {ks}.wake_minutes WHERE part = ? AND minute <= ?"), true).await?,
             drop_wake_minutes: p(format!("DELETE FROM {ks}.wake_minutes USING TIMESTAMP ? WHERE part = ? AND minute <= ?"), true).await?,
+            put_node: p(format!("INSERT INTO {ks}.cluster_nodes (cluster, node_id, advertise_url, heartbeat, beat_at) VALUES ('{CLUSTER}', ?, ?, ?, ?)"), true).await?,
+            forget_node: p(format!("DELETE FROM {ks}.cluster_nodes WHERE cluster = '{CLUSTER}' AND node_id = ?"), true).await?,
+            nodes: p(format!("SELECT node_id, advertise_url, heartbeat, beat_at FROM {ks}.cluster_nodes WHERE cluster = '{CLUSTER}'"), true).await?,
+            shard_owners: p(format!("SELECT shard, owner, epoch FROM {ks}.shard_owners WHERE bucket = ?"), true).await?,
+            claim_new_shard: p(format!("INSERT INTO {ks}.shard_owners (bucket, shard, owner, epoch) VALUES (?, ?, ?, ?) IF NOT EXISTS"), false).await?,
+            move_shard: p(format!("UPDATE {ks}.shard_owners SET owner = ?, epoch = ? WHERE bucket = ? AND shard = ? IF owner = ? AND epoch = ?"), false).await?,
         })
     }
 }

@@ -22,6 +22,7 @@ use scylla::value::CqlValue;
 use super::reads::{DECLARATION, PUSH_CERT, SET};
 use super::rows::{self, section, NumberedReport, WriteClock};
 use super::{lwt_row, unavailable, ScyllaStore};
+use crate::cluster::{fenced_timestamp, shard_of, WriteFence};
 use crate::store::{CertFingerprint, Mutation, StoreError, StoreResult, WakeEntry};
 
 /// Which prepared statement a planned write runs.
@@ -63,17 +64,46 @@ pub(super) struct Plan {
     /// Per enrollment, its rows in mutation order.
     pub devices: BTreeMap<String, Vec<Write>>,
     pub after: Vec<Write>,
+    /// The lease epoch each device's rows were fenced with.
+    pub epochs: HashMap<String, u64>,
 }
 
-/// Hands out the planned writes' timestamps in mutation order.
+/// Hands out the planned writes' timestamps in mutation order. A device's rows are
+/// fenced by the epoch of its shard's lease (`cluster/fence.rs`), so that a node that lost
+/// the shard can never overwrite its new owner; rows every node writes (the catalog, push
+/// certificates, the re-push hints) take the plain clock.
 struct Stamps<'c> {
     clock: &'c WriteClock,
     now: i64,
     write_once: i64,
+    fence: Option<&'c dyn WriteFence>,
+    epochs: HashMap<String, u64>,
+    /// A device of the batch whose shard this node may not write for.
+    refused: Option<String>,
 }
 
 impl Stamps<'_> {
-    fn take(&mut self) -> CqlValue {
+    /// The next timestamp for a row of device `id`.
+    fn take(&mut self, id: &str) -> CqlValue {
+        let epoch = match self.epochs.get(id) {
+            Some(&epoch) => epoch,
+            None => {
+                let epoch = match self.fence {
+                    None => Some(0),
+                    Some(fence) => fence.write_epoch(shard_of(id)),
+                };
+                if epoch.is_none() {
+                    self.refused = Some(id.to_string());
+                }
+                let epoch = epoch.unwrap_or(0);
+                self.epochs.insert(id.to_string(), epoch);
+                epoch
+            }
+        };
+        CqlValue::BigInt(fenced_timestamp(epoch, self.clock.reserve(1, self.now)))
+    }
+
+    fn take_plain(&mut self) -> CqlValue {
         CqlValue::BigInt(self.clock.reserve(1, self.now))
     }
 }
@@ -86,6 +116,7 @@ impl Plan {
         batch: Vec<Mutation>,
         clock: &WriteClock,
         now: i64,
+        fence: Option<&dyn WriteFence>,
         mut reports: HashMap<String, ReportSlots>,
     ) -> StoreResult<Plan> {
         let mut plan = Plan::default();
@@ -93,11 +124,20 @@ impl Plan {
             clock,
             now,
             write_once: rows::write_once_timestamp(now),
+            fence,
+            epochs: HashMap::new(),
+            refused: None,
         };
         for mutation in batch {
             plan.add(mutation, &mut stamps, &mut reports)?;
         }
-        Ok(plan)
+        match stamps.refused {
+            Some(id) => Err(not_held(&id)),
+            None => {
+                plan.epochs = stamps.epochs;
+                Ok(plan)
+            }
+        }
     }
 
     fn device(&mut self, id: &str) -> &mut Vec<Write> {
@@ -110,7 +150,7 @@ impl Plan {
             CqlValue::TinyInt(sec),
             CqlValue::BigInt(seq),
             CqlValue::Blob(value),
-            stamps.take(),
+            stamps.take(id),
         ];
         self.device(id).push(Write {
             stmt: Stmt::PutDeviceRow,
@@ -120,7 +160,7 @@ impl Plan {
 
     fn delete_device_row(&mut self, id: &str, sec: i8, seq: i64, stamps: &mut Stamps) {
         let values = vec![
-            stamps.take(),
+            stamps.take(id),
             text(id),
             CqlValue::TinyInt(sec),
             CqlValue::BigInt(seq),
@@ -134,14 +174,19 @@ impl Plan {
     fn put_shared(&mut self, kind: &str, name: &str, value: Vec<u8>, stamps: &mut Stamps) {
         self.before.push(Write {
             stmt: Stmt::PutShared,
-            values: vec![text(kind), text(name), CqlValue::Blob(value), stamps.take()],
+            values: vec![
+                text(kind),
+                text(name),
+                CqlValue::Blob(value),
+                stamps.take_plain(),
+            ],
         });
     }
 
     fn delete_shared(&mut self, kind: &str, name: &str, stamps: &mut Stamps) {
         self.before.push(Write {
             stmt: Stmt::DeleteShared,
-            values: vec![stamps.take(), text(kind), text(name)],
+            values: vec![stamps.take_plain(), text(kind), text(name)],
         });
     }
 
@@ -156,7 +201,11 @@ impl Plan {
                 let bucket = rows::bucket(&record.id, rows::ENROLLMENT_BUCKETS);
                 self.after.push(Write {
                     stmt: Stmt::PutEnrollmentIndex,
-                    values: vec![CqlValue::Int(bucket), text(&record.id), stamps.take()],
+                    values: vec![
+                        CqlValue::Int(bucket),
+                        text(&record.id),
+                        stamps.take(&record.id),
+                    ],
                 });
                 let value = rows::encode(&record)?;
                 self.put_device_row(&record.id, section::ENROLLMENT, 0, value, stamps);
@@ -199,7 +248,7 @@ impl Plan {
             }
             Mutation::ClearQueue { enrollment_id } => {
                 let values = vec![
-                    stamps.take(),
+                    stamps.take(&enrollment_id),
                     text(&enrollment_id),
                     CqlValue::TinyInt(section::QUEUE),
                 ];
@@ -217,7 +266,7 @@ impl Plan {
                     text(&result.command_uuid),
                     CqlValue::Blob(rows::encode(&result)?),
                     CqlValue::Int(rows::RESULT_TTL_SECS),
-                    stamps.take(),
+                    stamps.take(&enrollment_id),
                 ];
                 self.device(&enrollment_id).push(Write {
                     stmt: Stmt::PutResult,
@@ -241,12 +290,16 @@ impl Plan {
                         CqlValue::Int(part),
                         CqlValue::BigInt(due_at),
                         text(&enrollment_id),
-                        stamps.take(),
+                        stamps.take_plain(),
                     ],
                 });
                 self.before.push(Write {
                     stmt: Stmt::PutWakeMinute,
-                    values: vec![CqlValue::Int(part), CqlValue::BigInt(minute), stamps.take()],
+                    values: vec![
+                        CqlValue::Int(part),
+                        CqlValue::BigInt(minute),
+                        stamps.take_plain(),
+                    ],
                 });
                 let wake = rows::encode(&WakeEntry {
                     enrollment_id: enrollment_id.clone(),
@@ -277,7 +330,7 @@ impl Plan {
                         text(&set),
                         CqlValue::Int(bucket),
                         text(&enrollment_id),
-                        stamps.take(),
+                        stamps.take(&enrollment_id),
                     ],
                 });
             }
@@ -286,7 +339,7 @@ impl Plan {
                 self.after.push(Write {
                     stmt: Stmt::DeleteSetMember,
                     values: vec![
-                        stamps.take(),
+                        stamps.take(&enrollment_id),
                         text(&set),
                         CqlValue::Int(bucket),
                         text(&enrollment_id),
@@ -344,13 +397,51 @@ impl Plan {
 }
 
 /// Crash tests: with `ORCHARD_FAILPOINT=<name>` the process aborts at the point of that
-/// name, as if killed there, so a test can show what a crash between two phases leaves.
-fn crash_point(name: &str) {
+/// name, as if killed there, so a test can show what a crash between two phases leaves;
+/// with `ORCHARD_FAILPOINT=<name>=pause` the write waits there for [`FAILPOINT_PAUSE`], so
+/// a test can stop the process with the write half done (a node paused mid-write).
+async fn failpoint(name: &str) {
     static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let armed = ARMED.get_or_init(|| std::env::var("ORCHARD_FAILPOINT").ok());
-    if armed.as_deref() == Some(name) {
+    let Some(armed) = armed.as_deref() else {
+        return;
+    };
+    if armed == name {
         tracing::error!(failpoint = name, "failpoint reached: aborting");
         std::process::abort();
+    }
+    if armed.strip_suffix("=pause") == Some(name) {
+        tracing::warn!(failpoint = name, "failpoint reached: pausing the write");
+        tokio::time::sleep(FAILPOINT_PAUSE).await;
+    }
+}
+
+const FAILPOINT_PAUSE: std::time::Duration = std::time::Duration::from_secs(3);
+
+fn not_held(id: &str) -> StoreError {
+    StoreError::Unavailable(format!(
+        "enrollment {id}'s shard is not held by this node now"
+    ))
+}
+
+/// After the writes: acknowledge only if this node still holds every shard under the epoch
+/// it wrote with. A node that lost a shard while its write was under way (paused past its
+/// lease) must not answer 2xx: the new owner may have loaded the device before the write
+/// landed, and fenced it out since. While the lease is still held, no other node can have
+/// taken the shard, so everything written is what the next owner will load.
+fn still_held(fence: Option<&dyn WriteFence>, epochs: &HashMap<String, u64>) -> StoreResult<()> {
+    let Some(fence) = fence else {
+        return Ok(());
+    };
+    match epochs
+        .iter()
+        .find(|(id, &epoch)| fence.write_epoch(shard_of(id)) != Some(epoch))
+    {
+        Some((id, _)) => {
+            metrics::counter!("orchard_cluster_fenced_writes_total").increment(1);
+            Err(not_held(id))
+        }
+        None => Ok(()),
     }
 }
 
@@ -361,11 +452,12 @@ impl ScyllaStore {
         }
         let reports = self.report_slots_for(&batch).await?;
         let now = rows::now_micros();
-        let plan = Plan::of(batch, &self.clock, now, reports)?;
+        let fence = self.fence.get().map(|fence| &**fence);
+        let plan = Plan::of(batch, &self.clock, now, fence, reports)?;
         try_join_all(plan.bindings.iter().map(|(fp, id)| self.bind(fp, id))).await?;
         self.write_each("apply_rows", &plan.before).await?;
         if !plan.before.is_empty() && !plan.devices.is_empty() {
-            crash_point("apply:before-device-rows");
+            failpoint("apply:before-device-rows").await;
         }
         try_join_all(
             plan.devices
@@ -373,7 +465,8 @@ impl ScyllaStore {
                 .map(|writes| self.write_device(writes)),
         )
         .await?;
-        self.write_each("apply_rows", &plan.after).await
+        self.write_each("apply_rows", &plan.after).await?;
+        still_held(fence, &plan.epochs)
     }
 
     /// The current report slots of every enrollment `batch` appends a report to.
@@ -493,7 +586,7 @@ mod tests {
     use crate::store::{CommandResult, EnrollmentRecord, QueueEntry, ResultStatus, StoredCommand};
 
     fn plan(batch: Vec<Mutation>) -> Plan {
-        Plan::of(batch, &WriteClock::default(), 1_000, HashMap::new()).unwrap()
+        Plan::of(batch, &WriteClock::default(), 1_000, None, HashMap::new()).unwrap()
     }
 
     fn stmts(writes: &[Write]) -> Vec<Stmt> {
@@ -636,7 +729,7 @@ mod tests {
             report,
             keep: 2,
         }];
-        let plan = Plan::of(batch, &WriteClock::default(), 0, slots).unwrap();
+        let plan = Plan::of(batch, &WriteClock::default(), 0, None, slots).unwrap();
         let writes = &plan.devices["d"];
         assert_eq!(
             stmts(writes),

@@ -1,0 +1,197 @@
+//! Orchard nodes on one CQL keyspace (`--store scylla --cluster-secret`), with real process
+//! failures (contract.md §4):
+//!
+//! * three nodes share the 4096 shards evenly; a node killed with SIGKILL has its shards
+//!   served by the others within 2 × `--lease-secs`; a node stopped with SIGTERM hands its
+//!   shards over and exits 0;
+//! * a node paused (SIGSTOP) in the middle of a write, past its lease, never overwrites
+//!   what the new owner wrote when it resumes, and does not acknowledge its own write.
+//!
+//! Needs `ORCHARD_TEST_CQL=HOST:PORT`; without it each test prints one skip line.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const LEASE_SECS: u64 = 2;
+const LEASE: Duration = Duration::from_secs(LEASE_SECS);
+const SECRET: &str = "cluster-test-secret";
+
+/// Nodes `names` on one fresh keyspace; every node trusts the first node's identity CA.
+fn cluster_of(names: &[&str], env: &[(&str, &str)]) -> Option<Vec<Server>> {
+    let Some(cql) = cql::server() else {
+        cql::skip("Orchard cluster");
+        return None;
+    };
+    let store = StoreUnderTest::Cql {
+        nodes: vec![cql],
+        keyspace: cql::fresh_keyspace(),
+    };
+    let lease = LEASE_SECS.to_string();
+    let mut nodes: Vec<Server> = Vec::new();
+    for name in names {
+        let mut args = vec![
+            "--cluster-secret",
+            SECRET,
+            "--node-id",
+            name,
+            "--lease-secs",
+            &lease,
+        ];
+        let ca;
+        if let Some(first) = nodes.first() {
+            ca = first.data_dir.join("identity-ca.pem");
+            args.extend(["--identity-ca", ca.to_str().unwrap()]);
+        }
+        nodes.push(Server::start_on_with_env(store.clone(), &args, env));
+    }
+    Some(nodes)
+}
+
+/// `GET /api/v1/cluster` through `node`.
+async fn cluster_view(node: &Server) -> serde_json::Value {
+    let (status, view) = api_get(node, "/api/v1/cluster").await;
+    assert_eq!(status, 200, "{view}");
+    view
+}
+
+/// Shards held per live node, and the unowned count, as `node` sees them.
+async fn shares(node: &Server) -> (Vec<(String, u64)>, u64) {
+    let view = cluster_view(node).await;
+    let mut live: Vec<(String, u64)> = view["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["alive"] == true)
+        .map(|n| {
+            (
+                n["node_id"].as_str().unwrap().to_string(),
+                n["shards"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    live.sort();
+    (live, view["shards_unowned"].as_u64().unwrap())
+}
+
+/// Wait until `node` sees exactly `alive` live nodes holding every shard, each within
+/// ±25 % of an even share; the time it took.
+async fn settled(node: &Server, alive: &[&str], within: Duration) -> Duration {
+    let start = Instant::now();
+    let even = 4096 / alive.len() as u64;
+    loop {
+        let (live, unowned) = shares(node).await;
+        let names: Vec<&str> = live.iter().map(|(n, _)| n.as_str()).collect();
+        let balanced = live
+            .iter()
+            .all(|(_, shards)| shards * 4 >= even * 3 && shards * 4 <= even * 5);
+        if names == alive && unowned == 0 && balanced {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "not settled on {alive:?} within {within:?}: {live:?}, {unowned} unowned"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn shards_spread_over_live_nodes_and_move_when_one_dies_or_leaves() {
+    let Some(mut nodes) = cluster_of(&["node-a", "node-b", "node-c"], &[]) else {
+        return;
+    };
+    settled(
+        &nodes[0],
+        &["node-a", "node-b", "node-c"],
+        LEASE * 3 + LEASE,
+    )
+    .await;
+
+    nodes[2].kill9();
+    let takeover = settled(&nodes[0], &["node-a", "node-b"], LEASE * 4).await;
+    assert!(
+        takeover <= LEASE * 2 + Duration::from_millis(500),
+        "a killed node's shards are served again within 2 × lease: {takeover:?}"
+    );
+
+    nodes[1].signal("TERM");
+    assert!(
+        nodes[1].exited_within(Duration::from_secs(30)),
+        "SIGTERM: the node hands its shards over and exits"
+    );
+    let handoff = settled(&nodes[0], &["node-a"], LEASE * 2).await;
+    assert!(
+        handoff < LEASE,
+        "handed-over shards are taken within a round, not after a lease: {handoff:?}"
+    );
+}
+
+/// Which of `nodes` serves `device` now (its actor may start there), asked through the
+/// admin API of every node.
+async fn owner_of(nodes: &[&Server], device: &Device) -> usize {
+    let deadline = Instant::now() + LEASE * 4;
+    loop {
+        for (index, node) in nodes.iter().enumerate() {
+            let (status, _) = api_get(node, &format!("/api/v1/devices/{}", device.udid)).await;
+            if status == 200 {
+                return index;
+            }
+        }
+        assert!(Instant::now() < deadline, "no node serves {}", device.udid);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn a_node_paused_mid_write_past_its_lease_never_overwrites_the_new_owner() {
+    // Every enqueue pauses between writing the command body and the device's rows.
+    let pause = [("ORCHARD_FAILPOINT", "apply:before-device-rows=pause")];
+    let Some(mut nodes) = cluster_of(&["node-a", "node-b"], &pause) else {
+        return;
+    };
+    settled(&nodes[0], &["node-a", "node-b"], LEASE * 4).await;
+    for node in &nodes {
+        upload_push_cert(node).await;
+    }
+    let device = Device::new(&nodes[0], "C1C2C3C4-0000-4000-8000-00000000FE11");
+    let owner = {
+        let both: Vec<&Server> = nodes.iter().collect();
+        let (status, _) = device.checkin(&nodes[0], device.authenticate()).await;
+        let first = if status == 200 { 0 } else { 1 };
+        device.enroll(&nodes[first]).await;
+        owner_of(&both, &device).await
+    };
+    let other = 1 - owner;
+
+    // The owner accepts an enqueue and is frozen while its write is half done.
+    let stale = enqueue(&nodes[owner], &device.udid, "STALE-1", "DeviceInformation");
+    let freeze = async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        nodes[owner].signal("STOP");
+        // The other node takes the device's shard and acknowledges a command of its own.
+        let both: Vec<&Server> = vec![&nodes[other]];
+        owner_of(&both, &device).await;
+        let (status, _) =
+            enqueue(&nodes[other], &device.udid, "FRESH-1", "DeviceInformation").await;
+        assert_eq!(status, 200, "the new owner acknowledges");
+        nodes[owner].signal("CONT");
+    };
+    let ((stale_status, stale_body), ()) = futures_util::join!(stale, freeze);
+    assert_eq!(
+        stale_status, 503,
+        "a write finished after the lease was lost is never acknowledged: {stale_body}"
+    );
+
+    // What the store holds is what the new owner wrote: a fresh node loading the device
+    // from the store delivers exactly the acknowledged command.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    nodes[owner].kill9();
+    nodes[other].set_env("ORCHARD_FAILPOINT", None);
+    nodes[other].restart();
+    let alone: Vec<&Server> = vec![&nodes[other]];
+    owner_of(&alone, &device).await;
+    assert_eq!(device.drain(&nodes[other]).await, ["FRESH-1"]);
+}
