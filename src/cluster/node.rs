@@ -194,48 +194,63 @@ impl ClusterNode {
         (view.nodes.clone(), unowned)
     }
 
-    /// Heartbeat, look, and move shards every round until `stop` resolves; then hand
-    /// every shard over and leave. `joined` is sent after the first round that succeeded
-    /// (this node has taken what was free for it).
+    /// Heartbeat, look, and move shards until `stop` resolves; then hand every shard over
+    /// and leave. Heartbeats run on their own beat, so a long round of shard moves (4096
+    /// conditional writes when the first node starts) never lets the lease lapse. `joined`
+    /// is sent after the first round that succeeded (this node took what was free for it).
     pub async fn run(
         self: Arc<Self>,
         host: Arc<dyn ShardHost>,
         joined: tokio::sync::oneshot::Sender<()>,
         stop: impl std::future::Future<Output = ()>,
     ) {
-        let mut observed: HashMap<String, Observed> = HashMap::new();
+        let mut joined = Some(joined);
         // Counting from the clock keeps a restarted node's count growing.
         let mut heartbeat = crate::device::now_millis() as i64;
-        let mut joined = Some(joined);
-        tokio::pin!(stop);
-        loop {
-            heartbeat += 1;
-            match self.round(&host, &mut observed, heartbeat).await {
-                Ok(()) => {
-                    if let Some(joined) = joined.take() {
-                        let _ = joined.send(());
+        while let Err(e) = self.heartbeat(&host, &mut heartbeat).await {
+            tracing::warn!(error = %e, "first heartbeat failed; retrying");
+            tokio::time::sleep(self.settings.round()).await;
+        }
+        let beats = async {
+            loop {
+                tokio::time::sleep(self.settings.round()).await;
+                if let Err(e) = self.heartbeat(&host, &mut heartbeat).await {
+                    counter!("orchard_cluster_round_errors_total", "step" => "heartbeat")
+                        .increment(1);
+                    tracing::warn!(error = %e, "heartbeat failed; retrying next round");
+                }
+            }
+        };
+        let rounds = async {
+            let mut observed: HashMap<String, Observed> = HashMap::new();
+            loop {
+                match self.round(&host, &mut observed).await {
+                    Ok(()) => {
+                        if let Some(joined) = joined.take() {
+                            let _ = joined.send(());
+                        }
+                    }
+                    Err(e) => {
+                        counter!("orchard_cluster_round_errors_total", "step" => "placement")
+                            .increment(1);
+                        tracing::warn!(error = %e, "cluster round failed; retrying next round");
                     }
                 }
-                Err(e) => {
-                    counter!("orchard_cluster_round_errors_total").increment(1);
-                    tracing::warn!(error = %e, "cluster round failed; retrying next round");
-                }
+                tokio::time::sleep(self.settings.round()).await;
             }
-            tokio::select! {
-                _ = &mut stop => break,
-                _ = tokio::time::sleep(self.settings.round()) => {}
-            }
+        };
+        tokio::select! {
+            _ = stop => {}
+            _ = beats => {}
+            _ = rounds => {}
         }
         self.leave(&host).await;
     }
 
-    async fn round(
-        &self,
-        host: &Arc<dyn ShardHost>,
-        observed: &mut HashMap<String, Observed>,
-        heartbeat: i64,
-    ) -> StoreResult<()> {
-        let lapsed = self.beat(heartbeat).await?;
+    /// One heartbeat; shards dropped because the lease lapsed are abandoned.
+    async fn heartbeat(&self, host: &Arc<dyn ShardHost>, heartbeat: &mut i64) -> StoreResult<()> {
+        *heartbeat += 1;
+        let lapsed = self.beat(*heartbeat).await?;
         if !lapsed.is_empty() {
             counter!("orchard_cluster_shards_lost_total").increment(lapsed.len() as u64);
             tracing::warn!(
@@ -244,6 +259,15 @@ impl ClusterNode {
             );
             host.abandon(&lapsed);
         }
+        Ok(())
+    }
+
+    /// Look at the others and move shards toward this node's share.
+    async fn round(
+        &self,
+        host: &Arc<dyn ShardHost>,
+        observed: &mut HashMap<String, Observed>,
+    ) -> StoreResult<()> {
         let nodes = self.directory.nodes().await?;
         let rows = self.directory.shards().await?;
         let live = self.judge(&nodes, observed);
