@@ -16,7 +16,8 @@ pub fn shard_of(enrollment_id: &str) -> ShardId {
     ShardId((xxh3_64(device_id.as_bytes()) % u64::from(VIRTUAL_SHARDS)) as u32)
 }
 
-/// Which node owns each virtual shard.
+/// Which node owns each virtual shard, fixed for the life of the process: the placement of
+/// the one-node deployments (embedded, or CQL without `--cluster-secret`).
 #[derive(Clone, Debug)]
 pub struct ShardMap {
     local_node: String,
