@@ -145,6 +145,11 @@ impl ClusterNode {
             .is_some_and(|until| Instant::now() < until)
     }
 
+    /// Whether this node's lease holds now (its last heartbeat was acknowledged in time).
+    pub fn is_serving(&self) -> bool {
+        Self::serving(&self.read())
+    }
+
     /// The epoch under which this node may write for `shard` now, if it may.
     pub fn write_epoch(&self, shard: ShardId) -> Option<u64> {
         let view = self.read();

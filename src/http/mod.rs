@@ -130,8 +130,13 @@ async fn healthz() -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain").body("ok\n")
 }
 
-/// Ready when the store answers a read.
+/// Ready when the store answers a read and, in a cluster, this node's lease holds.
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    if state.cluster.as_ref().is_some_and(|node| !node.is_serving()) {
+        return HttpResponse::ServiceUnavailable()
+            .content_type("text/plain")
+            .body("cluster lease lapsed: heartbeats are not reaching the store\n");
+    }
     match state.store.ping().await {
         Ok(()) => HttpResponse::Ok()
             .content_type("text/plain")
