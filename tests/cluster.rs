@@ -109,6 +109,14 @@ async fn shards_spread_over_live_nodes_and_move_when_one_dies_or_leaves() {
         LEASE * 3 + LEASE,
     )
     .await;
+    for node in &nodes {
+        let ready = client().get(node.url("/readyz")).send().await.unwrap();
+        assert_eq!(
+            ready.status().as_u16(),
+            200,
+            "a node holding its lease is ready"
+        );
+    }
 
     nodes[2].kill9();
     let takeover = settled(&nodes[0], &["node-a", "node-b"], LEASE * 4).await;

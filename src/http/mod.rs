@@ -132,7 +132,11 @@ async fn healthz() -> HttpResponse {
 
 /// Ready when the store answers a read and, in a cluster, this node's lease holds.
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    if state.cluster.as_ref().is_some_and(|node| !node.is_serving()) {
+    if state
+        .cluster
+        .as_ref()
+        .is_some_and(|node| !node.is_serving())
+    {
         return HttpResponse::ServiceUnavailable()
             .content_type("text/plain")
             .body("cluster lease lapsed: heartbeats are not reaching the store\n");
