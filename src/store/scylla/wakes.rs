@@ -13,6 +13,7 @@ use scylla::value::CqlValue;
 
 use super::rows::{self, section};
 use super::ScyllaStore;
+use crate::cluster::shard_of;
 use crate::store::{StoreResult, WakeEntry};
 
 /// Minutes this close to the wall clock are never dropped: a wake scheduled for them
@@ -58,7 +59,10 @@ impl ScyllaStore {
                 } else {
                     blocked.insert(part);
                 }
-                due.extend(live);
+                due.extend(
+                    live.into_iter()
+                        .filter(|wake| self.holds(&wake.enrollment_id)),
+                );
             }
             if due.len() >= limit {
                 break;
@@ -70,6 +74,15 @@ impl ScyllaStore {
         });
         due.truncate(limit);
         Ok(due)
+    }
+
+    /// Whether this node decides the wakes of `id`: always on one node; in a cluster, while
+    /// it holds the device's shard. Another node's live wakes are left in place (their
+    /// minute is not drained), for their owner's sweep.
+    fn holds(&self, id: &str) -> bool {
+        self.fence
+            .get()
+            .is_none_or(|fence| fence.write_epoch(shard_of(id)).is_some())
     }
 
     /// Minutes up to `last_minute` that hold wakes, each with the parts that list it.
