@@ -6,7 +6,9 @@ use async_trait::async_trait;
 use std::collections::BTreeMap;
 
 use futures_util::future::{join_all, try_join_all};
-use scylla::value::CqlTimestamp;
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
+use scylla::value::{CqlTimestamp, CqlValue};
 
 use super::{lwt_row, unavailable, ScyllaStore};
 use crate::cluster::{Directory, NodeRow, ShardId, ShardMove, ShardRow, VIRTUAL_SHARDS};
@@ -91,6 +93,17 @@ impl Directory for ScyllaStore {
                 .push((index, shard_move));
         }
         let chains = by_bucket.into_values().map(|chain| async move {
+            // Usually every condition of a bucket holds (a first start, a hand-off, a
+            // dead node's shards): one conditional batch for all of them. If it loses,
+            // each move is tried alone, so the ones whose condition holds still apply.
+            if chain.len() > 1 {
+                if let Ok(true) = self.move_shards_at_once(&chain).await {
+                    return chain
+                        .into_iter()
+                        .map(|(index, _)| (index, Ok(true)))
+                        .collect();
+                }
+            }
             let mut outcomes = Vec::with_capacity(chain.len());
             for (index, shard_move) in chain {
                 outcomes.push((index, self.move_shard(&shard_move).await));
@@ -106,33 +119,63 @@ impl Directory for ScyllaStore {
 }
 
 impl ScyllaStore {
-    async fn move_shard(&self, shard_move: &ShardMove) -> StoreResult<bool> {
+    /// Every move of one bucket in one conditional batch: all apply, or none.
+    async fn move_shards_at_once(&self, chain: &[(usize, ShardMove)]) -> StoreResult<bool> {
+        let mut batch = Batch::new(BatchType::Logged);
+        let mut values: Vec<Vec<CqlValue>> = Vec::with_capacity(chain.len());
+        for (_, shard_move) in chain {
+            let (statement, row) = self.move_statement(shard_move);
+            batch.append_statement(statement.clone());
+            values.push(row);
+        }
+        let result = self
+            .run("cluster_move_shards", async {
+                self.session
+                    .batch(&batch, values)
+                    .await
+                    .map_err(unavailable)
+            })
+            .await?;
+        let (applied, _) = lwt_row(result)?;
+        Ok(applied)
+    }
+
+    /// The conditional statement of one move and its values.
+    fn move_statement(&self, shard_move: &ShardMove) -> (&PreparedStatement, Vec<CqlValue>) {
         let to = &shard_move.to;
-        let (bucket, shard) = (bucket(to.shard), to.shard.0 as i32);
+        let (bucket, shard) = (
+            CqlValue::Int(bucket(to.shard)),
+            CqlValue::Int(to.shard.0 as i32),
+        );
+        let owner = CqlValue::Text(to.owner.clone());
+        let epoch = CqlValue::BigInt(to.epoch as i64);
+        match &shard_move.expected {
+            None => (
+                &self.statements.claim_new_shard,
+                vec![bucket, shard, owner, epoch],
+            ),
+            Some(from) => (
+                &self.statements.move_shard,
+                vec![
+                    owner,
+                    epoch,
+                    bucket,
+                    shard,
+                    CqlValue::Text(from.owner.clone()),
+                    CqlValue::BigInt(from.epoch as i64),
+                ],
+            ),
+        }
+    }
+
+    async fn move_shard(&self, shard_move: &ShardMove) -> StoreResult<bool> {
+        let (statement, values) = self.move_statement(shard_move);
         let result = self
             .run("cluster_move_shard", async {
-                match &shard_move.expected {
-                    None => {
-                        let values = (bucket, shard, to.owner.as_str(), to.epoch as i64);
-                        self.session
-                            .execute_unpaged(&self.statements.claim_new_shard, values)
-                            .await
-                    }
-                    Some(from) => {
-                        let values = (
-                            to.owner.as_str(),
-                            to.epoch as i64,
-                            bucket,
-                            shard,
-                            from.owner.as_str(),
-                            from.epoch as i64,
-                        );
-                        self.session
-                            .execute_unpaged(&self.statements.move_shard, values)
-                            .await
-                    }
-                }
-                .map_err(unavailable)
+                self.session
+                    .execute_unpaged(statement, values)
+                    .await
+                    .map_err(unavailable)
             })
             .await?;
         let (applied, _) = lwt_row(result)?;
