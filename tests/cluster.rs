@@ -130,6 +130,9 @@ async fn shards_spread_over_live_nodes_and_move_when_one_dies_or_leaves() {
         "SIGTERM: the node hands its shards over and exits"
     );
     let handoff = settled(&nodes[0], &["node-a"], LEASE * 2).await;
+    eprintln!(
+        "lease {LEASE:?}: takeover after kill -9 {takeover:?}, hand-off after SIGTERM {handoff:?}"
+    );
     assert!(
         handoff < LEASE,
         "handed-over shards are taken within a round, not after a lease: {handoff:?}"
