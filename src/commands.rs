@@ -10,15 +10,12 @@ use crate::device::messages::{
     AssignSet, Assigned, Enqueue, GetPushTarget, InvalidatePushToken, PushDecision, SyncCommand,
     SyncDeclarations, WakeDue,
 };
-use crate::device::{DeviceError, Registry};
+use crate::device::{DeviceError, Registry, FAN_OUT};
 use crate::push::{Push, PushOutcome, PushTarget};
 use crate::store::{Mutation, Store, StoreError, StoredCommand};
 
 /// Wakes the re-push sweep handles per store read.
 const SWEEP_BATCH: usize = 10_000;
-
-/// How many device actors one API call talks to at once.
-const FAN_OUT: usize = 512;
 
 /// The outcome for one target id.
 #[derive(Debug)]
@@ -43,17 +40,7 @@ pub async fn enqueue(
         .apply(vec![Mutation::PutCommand(command.clone())])
         .await?;
     let command = registry.intern_body(command);
-    let queued: Vec<(String, Result<PushDecision, DeviceError>)> = stream::iter(ids)
-        .map(|id| {
-            let msg = Enqueue {
-                command: Arc::clone(&command),
-                priority,
-            };
-            async move { (id.clone(), registry.call(id, msg).await) }
-        })
-        .buffered(FAN_OUT)
-        .collect()
-        .await;
+    let queued = registry.call_all(ids, Enqueue { command, priority }).await;
     metrics::counter!("orchard_commands_enqueued_total")
         .increment(queued.iter().filter(|(_, r)| r.is_ok()).count() as u64);
     let mut deliveries = Vec::with_capacity(queued.len());
@@ -107,7 +94,7 @@ pub async fn dispatch(
             let msg = InvalidatePushToken {
                 token: target.token.clone(),
             };
-            if let Err(e) = registry.call(&target.enrollment_id, msg).await {
+            if let Err(e) = registry.call_anywhere(&target.enrollment_id, msg).await {
                 tracing::warn!(enrollment_id = %target.enrollment_id, error = %e, "could not mark the push token invalid");
             }
         })
@@ -165,11 +152,7 @@ pub async fn push_enrollments(
     push: &dyn Push,
     ids: &[String],
 ) -> Vec<(String, Result<PushOutcome, DeviceError>)> {
-    let lookups: Vec<(String, Result<PushTarget, DeviceError>)> = stream::iter(ids)
-        .map(|id| async move { (id.clone(), registry.call(id, GetPushTarget).await) })
-        .buffered(FAN_OUT)
-        .collect()
-        .await;
+    let lookups = registry.call_all(ids, GetPushTarget).await;
     let mut outcomes = Vec::with_capacity(lookups.len());
     let mut targets = Vec::new();
     for (id, lookup) in lookups {
@@ -221,16 +204,7 @@ pub async fn sync_declarations(
     ids: &[String],
 ) -> Result<usize, StoreError> {
     let command = sync_command_for(registry, ids).await?;
-    let decisions: Vec<(String, Result<PushDecision, DeviceError>)> = stream::iter(ids)
-        .map(|id| {
-            let msg = SyncDeclarations {
-                command: command.clone(),
-            };
-            async move { (id.clone(), registry.call(id, msg).await) }
-        })
-        .buffered(FAN_OUT)
-        .collect()
-        .await;
+    let decisions = registry.call_all(ids, SyncDeclarations { command }).await;
     Ok(wake_for_sync(registry, push, decisions).await)
 }
 
@@ -249,18 +223,12 @@ pub async fn assign_set(
         true => Some(sync_command_for(registry, ids).await?),
         false => None,
     };
-    let outcomes: Vec<(String, Result<Assigned, DeviceError>)> = stream::iter(ids)
-        .map(|id| {
-            let msg = AssignSet {
-                set: set.to_string(),
-                assign,
-                then_sync: then_sync.clone(),
-            };
-            async move { (id.clone(), registry.call(id, msg).await) }
-        })
-        .buffered(FAN_OUT)
-        .collect()
-        .await;
+    let msg = AssignSet {
+        set: set.to_string(),
+        assign,
+        then_sync,
+    };
+    let outcomes = registry.call_all(ids, msg).await;
     let mut changed = Vec::with_capacity(outcomes.len());
     let mut decisions = Vec::new();
     for (id, outcome) in outcomes {

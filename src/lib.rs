@@ -7,6 +7,8 @@ pub mod config;
 pub mod ddm;
 pub mod device;
 pub mod enroll;
+pub mod forward;
+pub mod h2conn;
 pub mod http;
 pub mod identity;
 pub mod protocol;

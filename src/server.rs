@@ -14,6 +14,7 @@ use crate::config::{ServeArgs, StoreKind, UserAuthenticateMode};
 use crate::ddm::catalog::{Catalog, CatalogError};
 use crate::device::{DeviceSettings, Registry, UserAuthenticatePolicy};
 use crate::enroll::EnrollmentProfiles;
+use crate::forward::{Forwarder, PeerUrl};
 use crate::http::{self, AppState, HttpSettings};
 use crate::identity::{CertificateAuthority, IdentityVerifier};
 use crate::push::apns::{ApnsPush, ApnsSettings, Endpoint, DEVELOPMENT_URL, PRODUCTION_URL};
@@ -43,6 +44,12 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
             e,
         )
     })?;
+    // Bound first: a cluster node advertises the address it really listens on.
+    let listener = std::net::TcpListener::bind(&args.listen)
+        .map_err(|e| fail(&format!("cannot listen on {}", args.listen), e))?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|e| fail("listener address", e))?;
     let (store, cluster): (Arc<dyn Store>, Option<Arc<ClusterNode>>) = match args.store {
         StoreKind::Embedded => {
             let store =
@@ -55,7 +62,8 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
                 .map_err(|e| fail("cannot open the CQL store", e))?;
             let node = match &args.cluster_secret {
                 Some(_) => {
-                    let node = ClusterNode::new(cluster_settings(&args)?, store.clone());
+                    let node =
+                        ClusterNode::new(cluster_settings(&args, local_addr)?, store.clone());
                     store.fence_with(node.clone());
                     Some(node)
                 }
@@ -123,6 +131,14 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
         publish_push_cert_expiry(&*store).await;
         let catalog = Arc::new(load_catalog(&store).await?);
         let registry = Registry::new(Arc::clone(&store), catalog, settings, placement);
+        let forwarder = match (&cluster, &args.cluster_secret) {
+            (Some(node), Some(secret)) => {
+                let forwarder = Forwarder::new(node.clone(), secret);
+                registry.reach_peers(forwarder.clone());
+                Some(forwarder)
+            }
+            _ => None,
+        };
         let membership = match &cluster {
             Some(node) => Some(join_cluster(node.clone(), registry.clone()).await?),
             None => None,
@@ -140,6 +156,7 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
             metrics,
         );
         state.cluster = cluster;
+        state.forwarder = forwarder;
         let state = web::Data::new(state);
         let app_state = state.clone();
         let mut server = HttpServer::new(move || {
@@ -156,8 +173,10 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
             server = server.workers(workers.max(1));
         }
         let server = match tls {
-            Some(config) => server.bind_rustls_0_23(&args.listen, config),
-            None => server.bind(&args.listen),
+            Some(config) => server.listen_rustls_0_23(listener, config),
+            // Cleartext HTTP/1.1 for devices behind a proxy, HTTP/2 (prior knowledge) for
+            // the other nodes of a cluster, on one listener.
+            None => server.listen_auto_h2c(listener),
         }
         .map_err(|e| fail(&format!("cannot listen on {}", args.listen), e))?;
         let scheme = if args.tls_cert.is_some() {
@@ -242,8 +261,12 @@ async fn shutdown_signal() {
 const NODE_ID_FILE: &str = "node-id";
 
 /// `--node-id`, `--advertise-url` and `--lease-secs`; a node id not given is generated
-/// once and kept in the data directory, so a restarted node is the same node.
-fn cluster_settings(args: &ServeArgs) -> Result<ClusterSettings, StartupError> {
+/// once and kept in the data directory, so a restarted node is the same node, and the
+/// advertise URL defaults to the address the listener is bound to.
+fn cluster_settings(
+    args: &ServeArgs,
+    listening_on: std::net::SocketAddr,
+) -> Result<ClusterSettings, StartupError> {
     let node_id = match &args.node_id {
         Some(id) => id.clone(),
         None => {
@@ -262,12 +285,21 @@ fn cluster_settings(args: &ServeArgs) -> Result<ClusterSettings, StartupError> {
     if args.lease_secs < 2 {
         return Err(StartupError("--lease-secs must be at least 2".into()));
     }
+    if args.tls_cert.is_some() {
+        return Err(StartupError(
+            "cluster mode: nodes call each other over cleartext HTTP/2 on the listener, so \
+             terminate device TLS at the proxy (--client-cert-header) instead of --tls-cert"
+                .into(),
+        ));
+    }
+    let advertise_url = args
+        .advertise_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{listening_on}"));
+    PeerUrl::parse(&advertise_url).map_err(|e| fail("--advertise-url", e))?;
     Ok(ClusterSettings {
         node_id,
-        advertise_url: args
-            .advertise_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{}", args.listen)),
+        advertise_url,
         lease: Duration::from_secs(args.lease_secs),
     })
 }

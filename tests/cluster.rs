@@ -139,18 +139,29 @@ async fn shards_spread_over_live_nodes_and_move_when_one_dies_or_leaves() {
     );
 }
 
-/// Which of `nodes` serves `device` now (its actor may start there), asked through the
-/// admin API of every node.
-async fn owner_of(nodes: &[&Server], device: &Device) -> usize {
+/// The node `via` reports as serving `device`, once `via` can reach the device's actor
+/// (on itself or through its owner).
+async fn owner_seen_by(via: &Server, device: &Device) -> String {
     let deadline = Instant::now() + LEASE * 4;
     loop {
-        for (index, node) in nodes.iter().enumerate() {
-            let (status, _) = api_get(node, &format!("/api/v1/devices/{}", device.udid)).await;
-            if status == 200 {
-                return index;
-            }
+        let (status, view) = api_get(via, &format!("/api/v1/devices/{}", device.udid)).await;
+        if let (200, Some(owner)) = (status, view["owner"].as_str()) {
+            return owner.to_string();
         }
         assert!(Instant::now() < deadline, "no node serves {}", device.udid);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Wait until `via` reports node `name` as serving `device`.
+async fn served_by(via: &Server, device: &Device, name: &str) {
+    let deadline = Instant::now() + LEASE * 6;
+    while owner_seen_by(via, device).await != name {
+        assert!(
+            Instant::now() < deadline,
+            "{name} never served {}",
+            device.udid
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -167,14 +178,11 @@ async fn a_node_paused_mid_write_past_its_lease_never_acknowledges_it_nor_hides_
     for node in &nodes {
         upload_push_cert(node).await;
     }
+    let names = ["node-a", "node-b"];
     let device = Device::new(&nodes[0], "C1C2C3C4-0000-4000-8000-00000000FE11");
-    let owner = {
-        let both: Vec<&Server> = nodes.iter().collect();
-        let (status, _) = device.checkin(&nodes[0], device.authenticate()).await;
-        let first = if status == 200 { 0 } else { 1 };
-        device.enroll(&nodes[first]).await;
-        owner_of(&both, &device).await
-    };
+    device.enroll(&nodes[0]).await;
+    let owner_name = owner_seen_by(&nodes[0], &device).await;
+    let owner = names.iter().position(|n| *n == owner_name).unwrap();
     let other = 1 - owner;
 
     // The owner accepts an enqueue and is frozen while its write is half done.
@@ -183,8 +191,7 @@ async fn a_node_paused_mid_write_past_its_lease_never_acknowledges_it_nor_hides_
         tokio::time::sleep(Duration::from_millis(800)).await;
         nodes[owner].signal("STOP");
         // The other node takes the device's shard and acknowledges a command of its own.
-        let both: Vec<&Server> = vec![&nodes[other]];
-        owner_of(&both, &device).await;
+        served_by(&nodes[other], &device, names[other]).await;
         let (status, _) =
             enqueue(&nodes[other], &device.udid, "FRESH-1", "DeviceInformation").await;
         assert_eq!(status, 200, "the new owner acknowledges");
@@ -204,8 +211,7 @@ async fn a_node_paused_mid_write_past_its_lease_never_acknowledges_it_nor_hides_
     nodes[owner].kill9();
     nodes[other].set_env("ORCHARD_FAILPOINT", None);
     nodes[other].restart();
-    let alone: Vec<&Server> = vec![&nodes[other]];
-    owner_of(&alone, &device).await;
+    served_by(&nodes[other], &device, names[other]).await;
     let delivered = device.drain(&nodes[other]).await;
     assert_eq!(
         delivered.iter().filter(|c| *c == "FRESH-1").count(),
@@ -215,5 +221,153 @@ async fn a_node_paused_mid_write_past_its_lease_never_acknowledges_it_nor_hides_
     assert!(
         delivered.iter().all(|c| c == "FRESH-1" || c == "STALE-1") && delivered.len() <= 2,
         "{delivered:?}"
+    );
+}
+
+/// Devices spread over the shards of three nodes, one request per node: enrolled
+/// through the first, commanded through the third, connecting through the second.
+fn fleet(node: &Server, count: usize) -> Vec<Device> {
+    (0..count)
+        .map(|i| Device::new(node, &format!("F0F0F0F0-0000-4000-8000-{i:012X}")))
+        .collect()
+}
+
+#[actix_rt::test]
+async fn any_node_answers_for_any_device_through_its_owner() {
+    let Some(nodes) = cluster_of(&["node-a", "node-b", "node-c"], &[]) else {
+        return;
+    };
+    settled(&nodes[0], &["node-a", "node-b", "node-c"], LEASE * 4).await;
+    upload_push_cert(&nodes[0]).await;
+    for node in &nodes[1..] {
+        upload_push_cert(node).await;
+    }
+    let devices = fleet(&nodes[0], 12);
+    for device in &devices {
+        device.enroll(&nodes[0]).await;
+    }
+    let mut owners = std::collections::BTreeSet::new();
+    for device in &devices {
+        owners.insert(owner_seen_by(&nodes[1], device).await);
+    }
+    assert_eq!(
+        owners.len(),
+        3,
+        "the devices live on every node: {owners:?}"
+    );
+
+    // One enqueue naming every device, through the third node: split by owner, one
+    // answer in NanoHUB's shape.
+    let ids: Vec<&str> = devices.iter().map(|d| d.udid.as_str()).collect();
+    for uuid in ["CMD-1", "CMD-2", "CMD-3"] {
+        let (status, body) = enqueue(&nodes[2], &ids.join(","), uuid, "DeviceInformation").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["command_uuid"], uuid);
+    }
+    for device in &devices {
+        let delivered = device.drain(&nodes[1]).await;
+        assert_eq!(delivered, ["CMD-1", "CMD-2", "CMD-3"], "{}", device.udid);
+        assert!(device.drain(&nodes[2]).await.is_empty(), "delivered once");
+    }
+    for (node, route) in [(&nodes[1], "device_connect"), (&nodes[2], "actors")] {
+        let metrics = metrics_text(node).await;
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("orchard_forwarded_requests_total")
+                    && l.contains(&format!("route=\"{route}\""))
+                    && l.contains("outcome=\"2xx\"")),
+            "forwards counted by route and outcome"
+        );
+    }
+}
+
+#[actix_rt::test]
+async fn a_forwarding_node_vouches_only_for_the_identity_it_verified() {
+    let Some(nodes) = cluster_of(&["node-a", "node-b"], &[]) else {
+        return;
+    };
+    settled(&nodes[0], &["node-a", "node-b"], LEASE * 4).await;
+    upload_push_cert(&nodes[0]).await;
+    upload_push_cert(&nodes[1]).await;
+    let names = ["node-a", "node-b"];
+    let devices = fleet(&nodes[0], 8);
+    for device in &devices {
+        device.enroll(&nodes[0]).await;
+    }
+    // A victim served by node-b, reached through node-a by an attacker enrolled too.
+    let mut victim = None;
+    for device in &devices {
+        if owner_seen_by(&nodes[0], device).await == names[1] {
+            victim = Some(device);
+            break;
+        }
+    }
+    let victim = victim.expect("one of 8 devices lives on node-b");
+    let attacker = devices.iter().find(|d| d.udid != victim.udid).unwrap();
+    let (status, _) = enqueue(&nodes[0], &victim.udid, "SECRET-1", "DeviceInformation").await;
+    assert_eq!(status, 200);
+
+    // The attacker's own certificate with the victim's UDID: refused by the owner.
+    let (status, _) = attacker.connect(&nodes[0], victim.idle()).await;
+    assert_eq!(status, 403, "impersonation through a forwarding node");
+    // A device cannot smuggle the vouched-identity header through the edge either.
+    let smuggled = client()
+        .put(nodes[0].url("/mdm"))
+        .insert_header(("Content-Type", CONNECT))
+        .insert_header((CERT_HEADER, attacker.cert_header()))
+        .insert_header((
+            "orchard-verified-fingerprint",
+            hex::encode(orchard::identity::verify::fingerprint(
+                &victim.identity.cert_der,
+            )),
+        ))
+        .send_body(victim.idle())
+        .await
+        .unwrap();
+    assert_eq!(smuggled.status().as_u16(), 403);
+
+    // Internal routes: unsigned, or signed with another secret, are refused and change
+    // nothing; the same request signed with the cluster secret is served.
+    let path = "/internal/device/connect";
+    let body = victim.report("Acknowledged", Some("SECRET-1"));
+    let fingerprint = orchard::identity::verify::fingerprint(&victim.identity.cert_der);
+    let forged = |secret: Option<&str>| {
+        let mut request = client()
+            .put(nodes[1].url(path))
+            .insert_header(("orchard-verified-fingerprint", hex::encode(fingerprint)));
+        if let Some(secret) = secret {
+            let signature =
+                orchard::forward::ClusterKey::new(secret).sign(orchard::forward::Signed {
+                    method: "PUT",
+                    path_and_query: path,
+                    fingerprint: Some(&fingerprint),
+                    body: &body,
+                });
+            request = request.insert_header(("orchard-cluster-signature", signature));
+        }
+        request.send_body(body.clone())
+    };
+    for secret in [None, Some("not-the-cluster-secret")] {
+        let refused = forged(secret).await.unwrap();
+        assert_eq!(refused.status().as_u16(), 403, "secret {secret:?}");
+    }
+    let (status, command) = victim.connect(&nodes[0], victim.idle()).await;
+    assert_eq!(status, 200);
+    let command: plist::Dictionary = plist::from_bytes(&command).unwrap();
+    assert_eq!(
+        command["CommandUUID"].as_string(),
+        Some("SECRET-1"),
+        "still queued"
+    );
+    let signed = forged(Some(SECRET)).await.unwrap();
+    assert_eq!(
+        signed.status().as_u16(),
+        200,
+        "the cluster's own signature is served"
+    );
+    assert!(
+        victim.drain(&nodes[0]).await.is_empty(),
+        "acknowledged through the peer route"
     );
 }

@@ -38,6 +38,9 @@ pub trait Directory: Send + Sync {
     /// Every shard that has had an owner.
     async fn shards(&self) -> StoreResult<Vec<ShardRow>>;
 
+    /// One shard's row, read now (a request is re-routed after its owner refused it).
+    async fn shard(&self, shard: ShardId) -> StoreResult<Option<ShardRow>>;
+
     /// For each [`ShardMove`], make `to` the shard's row if the row is still `expected`;
     /// per move, in order, `Ok(false)` when another change came first.
     async fn move_shards(&self, moves: Vec<ShardMove>) -> Vec<StoreResult<bool>>;

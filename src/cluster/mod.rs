@@ -27,6 +27,17 @@ pub use fence::{fenced_timestamp, MAX_EPOCH};
 pub use node::{ClusterNode, ClusterSettings, NodeStatus, ShardHost};
 pub use shards::{shard_of, ShardId, ShardMap, VIRTUAL_SHARDS};
 
+/// Where requests for a shard's devices go now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// This node serves the shard.
+    Local,
+    /// Another live node holds the shard's lease; `url` is its advertised base URL.
+    Peer { node_id: String, url: String },
+    /// No node can serve it now (it is moving, or its owner stopped): 503, retry later.
+    Unavailable,
+}
+
 /// The epoch under which this node may write a shard's rows now, if it may; the CQL store
 /// asks before every device write and stamps the write with it.
 pub trait WriteFence: Send + Sync {

@@ -22,6 +22,7 @@ use metrics::{counter, gauge, histogram};
 use super::balance::{plan_moves, HeldLease};
 use super::directory::{Directory, NodeRow, ShardMove, ShardRow};
 use super::shards::{ShardId, VIRTUAL_SHARDS};
+use super::Route;
 use crate::store::StoreResult;
 
 /// What the device layer does when shards leave this node.
@@ -128,6 +129,10 @@ impl ClusterNode {
         &self.settings.node_id
     }
 
+    pub fn lease(&self) -> Duration {
+        self.settings.lease
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, View> {
         self.view
             .read()
@@ -177,6 +182,45 @@ impl ClusterNode {
             .advertise_url
             .clone();
         Some((owner, url))
+    }
+
+    /// Where a request for a device of `shard` goes, as this node last saw the cluster.
+    pub fn route(&self, shard: ShardId) -> Route {
+        if self.accepts(shard) {
+            return Route::Local;
+        }
+        match self.owner(shard) {
+            Some((node_id, url)) if node_id != self.settings.node_id => {
+                Route::Peer { node_id, url }
+            }
+            _ => Route::Unavailable,
+        }
+    }
+
+    /// The route after the node this one sent a request to refused it (it no longer holds
+    /// the shard) or could not be reached: the shard's row read now, not as last seen.
+    pub async fn reroute(&self, shard: ShardId) -> Route {
+        let row = match self.directory.shard(shard).await {
+            Ok(Some(row)) => row,
+            Ok(None) => return Route::Unavailable,
+            Err(e) => {
+                tracing::warn!(shard = shard.0, error = %e, "cannot read the shard's owner");
+                return Route::Unavailable;
+            }
+        };
+        {
+            let mut view = self.write();
+            let index = shard.0 as usize;
+            let newer = view.shards[index]
+                .as_ref()
+                .is_none_or(|known| row.epoch > known.epoch);
+            // Only routing is learned here; a change to a shard this node holds is
+            // taken in by the next round, which also stops its actors.
+            if newer && view.owned(shard).is_none() {
+                view.shards[index] = Some(row);
+            }
+        }
+        self.route(shard)
     }
 
     /// Every node this node knows of, and how many shards no live node holds.

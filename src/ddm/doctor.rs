@@ -32,7 +32,7 @@ pub struct Finding {
 }
 
 /// What the doctor needs to know about the enrollment besides its DDM state.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct EnrollmentFacts {
     pub enabled: bool,
     pub push_token_valid: bool,

@@ -424,7 +424,9 @@ impl DeviceActor {
         awaiting_configuration: bool,
     ) -> Reply<CheckinReply> {
         if !channel.is_device_channel() {
-            return Self::immediate(Err(DeviceError::DeviceChannelOnly("SetBootstrapToken")));
+            return Self::immediate(Err(DeviceError::DeviceChannelOnly(
+                "SetBootstrapToken".into(),
+            )));
         }
         match self.record() {
             Ok(record) => {
@@ -439,7 +441,7 @@ impl DeviceActor {
 
     fn get_bootstrap_token(&mut self, channel: &Channel) -> Result<CheckinReply, DeviceError> {
         if !channel.is_device_channel() {
-            return Err(DeviceError::DeviceChannelOnly("GetBootstrapToken"));
+            return Err(DeviceError::DeviceChannelOnly("GetBootstrapToken".into()));
         }
         Ok(match &self.record()?.bootstrap_token {
             Some(token) => CheckinReply::Plist(checkin::bootstrap_token_response(token)),
@@ -647,18 +649,17 @@ impl DeviceActor {
         let record = self.record()?;
         if !record.enabled {
             return Err(DeviceError::NotPushable(
-                "enrollment is disabled (checked out or awaiting its first TokenUpdate)",
+                "enrollment is disabled (checked out or awaiting its first TokenUpdate)".into(),
             ));
         }
         if !record.push_token_valid {
             return Err(DeviceError::NotPushable(
-                "APNs reported the push token invalid",
+                "APNs reported the push token invalid".into(),
             ));
         }
-        let push = record
-            .push
-            .as_ref()
-            .ok_or(DeviceError::NotPushable("no TokenUpdate received yet"))?;
+        let push = record.push.as_ref().ok_or(DeviceError::NotPushable(
+            "no TokenUpdate received yet".into(),
+        ))?;
         Ok(PushTarget {
             enrollment_id: record.id.clone(),
             topic: push.topic.clone(),
@@ -813,7 +814,7 @@ impl Handler<HandleCheckin> for DeviceActor {
                     self.authenticate(checkin.channel, message, fingerprint)
                 }
                 Caller::VouchedByDevice => {
-                    Self::immediate(Err(DeviceError::DeviceChannelOnly("Authenticate")))
+                    Self::immediate(Err(DeviceError::DeviceChannelOnly("Authenticate".into())))
                 }
             };
         }

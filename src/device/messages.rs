@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use actix::Message;
+use serde::{Deserialize, Serialize};
 
 use super::DeviceError;
 use crate::ddm::doctor::EnrollmentFacts;
@@ -62,7 +63,7 @@ pub struct HandleConnect {
 pub struct UnparseableResult;
 
 /// Queue a command (its body is already durable in the store).
-#[derive(Clone, Debug, Message)]
+#[derive(Clone, Debug, Message, Serialize, Deserialize)]
 #[rtype(result = "Result<PushDecision, DeviceError>")]
 pub struct Enqueue {
     pub command: Arc<StoredCommand>,
@@ -70,7 +71,7 @@ pub struct Enqueue {
 }
 
 /// Whether a newly queued command should wake the device.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PushDecision {
     Push(PushTarget),
     /// A wake-up was requested moments ago and the device has not connected since: one
@@ -80,23 +81,23 @@ pub enum PushDecision {
 }
 
 /// Remove a pending command; answers whether it was pending.
-#[derive(Clone, Debug, Message)]
+#[derive(Clone, Debug, Message, Serialize, Deserialize)]
 #[rtype(result = "Result<bool, DeviceError>")]
 pub struct Cancel {
     pub command_uuid: String,
 }
 
 /// The channel's push coordinates, if it can be pushed.
-#[derive(Clone, Debug, Message)]
+#[derive(Clone, Debug, Message, Serialize, Deserialize)]
 #[rtype(result = "Result<PushTarget, DeviceError>")]
 pub struct GetPushTarget;
 
 /// A consistent view of the channel for the admin API.
-#[derive(Clone, Debug, Message)]
+#[derive(Clone, Debug, Message, Serialize, Deserialize)]
 #[rtype(result = "Result<DeviceSnapshot, DeviceError>")]
 pub struct Snapshot;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DeviceSnapshot {
     pub record: EnrollmentRecord,
     pub pending: Vec<QueueEntry>,
@@ -113,7 +114,7 @@ pub struct ResetForReenrollment;
 pub struct RegisterUserChannel(pub String);
 
 /// APNs said this token is dead; ignored if the device has sent a new one since.
-#[derive(Clone, Debug, Message)]
+#[derive(Clone, Debug, Message, Serialize, Deserialize)]
 #[rtype(result = "Result<(), DeviceError>")]
 pub struct InvalidatePushToken {
     pub token: Vec<u8>,
@@ -130,7 +131,7 @@ pub struct WakeDue {
 /// Assign (or unassign) a declaration set to this enrollment. When the assignment changed
 /// and `then_sync` is given, the sync command is queued in the same durable write, so a
 /// bulk assignment costs each enrollment one activation and one write.
-#[derive(Clone, Debug, Message)]
+#[derive(Clone, Debug, Message, Serialize, Deserialize)]
 #[rtype(result = "Result<Assigned, DeviceError>")]
 pub struct AssignSet {
     pub set: String,
@@ -138,7 +139,7 @@ pub struct AssignSet {
     pub then_sync: Option<SyncCommand>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Assigned {
     pub changed: bool,
     /// Whether to wake the device for the queued sync (`None`: no sync was queued).
@@ -147,14 +148,14 @@ pub struct Assigned {
 
 /// Queue a DeclarativeManagement command so the device syncs (replacing one still
 /// pending).
-#[derive(Clone, Debug, Message)]
+#[derive(Clone, Debug, Message, Serialize, Deserialize)]
 #[rtype(result = "Result<PushDecision, DeviceError>")]
 pub struct SyncDeclarations {
     pub command: SyncCommand,
 }
 
 /// Which DeclarativeManagement command starts the sync.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SyncCommand {
     /// A command of the enrollment's own, carrying its current SyncTokens in `Data`.
     WithTokens,
@@ -164,11 +165,11 @@ pub enum SyncCommand {
 }
 
 /// The enrollment's DDM state and the facts the sync doctor needs.
-#[derive(Clone, Debug, Message)]
+#[derive(Clone, Debug, Message, Serialize, Deserialize)]
 #[rtype(result = "Result<DdmView, DeviceError>")]
 pub struct GetDdmView;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DdmView {
     pub state: DdmState,
     pub facts: EnrollmentFacts,

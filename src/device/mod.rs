@@ -15,8 +15,10 @@ mod actor;
 mod declarative;
 pub mod messages;
 pub mod queue;
+mod remote;
 pub mod tally;
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -25,8 +27,10 @@ use std::time::Duration;
 use actix::{Actor, Addr, Handler, MailboxError, Message};
 use dashmap::DashMap;
 use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
 
 pub use actor::DeviceActor;
+pub use remote::{answer_batch, BatchError, Peers, RemoteMessage, FAN_OUT};
 
 use crate::cluster::{shard_of, Placement, ShardHost, ShardId};
 use crate::ddm::catalog::Catalog;
@@ -57,7 +61,8 @@ pub struct DeviceSettings {
     pub ddm_stall_after_secs: i64,
 }
 
-#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+/// Why a device message failed. It crosses between nodes (`remote.rs`), hence serde.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeviceError {
     #[error("enrollment {0} is unknown")]
     UnknownEnrollment(String),
@@ -68,7 +73,7 @@ pub enum DeviceError {
     #[error("enrollment {0} has not sent Authenticate")]
     NotAuthenticated(String),
     #[error("{0} is only valid on the device channel")]
-    DeviceChannelOnly(&'static str),
+    DeviceChannelOnly(Cow<'static, str>),
     #[error("user authentication is declined by this server")]
     UserAuthenticateDeclined,
     #[error("no token service is configured for TokenServiceType {0}")]
@@ -78,7 +83,7 @@ pub enum DeviceError {
     #[error("unknown DeclarativeManagement endpoint {0:?}")]
     UnknownDdmEndpoint(String),
     #[error("the channel cannot be pushed: {0}")]
-    NotPushable(&'static str),
+    NotPushable(Cow<'static, str>),
     #[error("storage failure: {0}")]
     Store(String),
     #[error("the device's shard is not served by this node now")]
@@ -143,6 +148,8 @@ pub struct Registry {
     /// command is one allocation, not one per device).
     bodies: DashMap<String, Weak<StoredCommand>>,
     tally: FleetTally,
+    /// The other nodes of a cluster, for actors not served here.
+    peers: std::sync::OnceLock<Arc<dyn Peers>>,
 }
 
 impl Registry {
@@ -162,6 +169,7 @@ impl Registry {
             incarnations: AtomicU64::new(0),
             bodies: DashMap::new(),
             tally,
+            peers: std::sync::OnceLock::new(),
         })
     }
 

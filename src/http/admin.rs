@@ -76,7 +76,11 @@ async fn list_devices(
 }
 
 async fn snapshot(state: &AppState, id: &str) -> Result<DeviceSnapshot, Rejection> {
-    state.registry.call(id, Snapshot).await.map_err(api_error)
+    state
+        .registry
+        .call_anywhere(id, Snapshot)
+        .await
+        .map_err(api_error)
 }
 
 /// `GET /api/v1/devices/{id}`.
@@ -336,7 +340,7 @@ async fn cancel_command(
     let (id, command_uuid) = path.into_inner();
     let cancelled = state
         .registry
-        .call(
+        .call_anywhere(
             &id,
             Cancel {
                 command_uuid: command_uuid.clone(),

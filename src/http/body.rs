@@ -21,7 +21,7 @@ pub async fn read_body(
 }
 
 /// Read the whole body: 413 past `limit`, 408 if it does not arrive within `deadline`.
-async fn read_limited(
+pub(super) async fn read_limited(
     req: &HttpRequest,
     mut payload: Payload,
     limit: usize,

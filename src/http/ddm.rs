@@ -263,7 +263,7 @@ async fn declaration_sets(id: web::Path<String>, state: web::Data<AppState>) -> 
 async fn ddm_view(state: &AppState, enrollment: &str) -> Result<DdmView, Rejection> {
     state
         .registry
-        .call(enrollment, GetDdmView)
+        .call_anywhere(enrollment, GetDdmView)
         .await
         .map_err(device_error)
 }

@@ -8,23 +8,41 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::body::read_body;
 use super::identity::device_identity;
+use super::internal::{self, ForwardedDevice};
 use super::rejection::Rejection;
 use super::AppState;
+use crate::cluster::{shard_of, Route};
 use crate::device::messages::{
     Authorize, Caller, CheckinReply, HandleCheckin, HandleConnect, UnparseableResult,
 };
+use crate::device::DeviceError;
 use crate::identity::CertFingerprint;
-use crate::protocol::checkin::decode_checkin;
-use crate::protocol::connect::decode_connect;
+use crate::protocol::checkin::{decode_checkin, Checkin};
+use crate::protocol::connect::{decode_connect, ConnectReport};
 use crate::protocol::ids::Channel;
 
-const CHECKIN_CONTENT_TYPE: &str = "application/x-apple-aspen-mdm-checkin";
+pub const CHECKIN_CONTENT_TYPE: &str = "application/x-apple-aspen-mdm-checkin";
 
 fn content_type(req: &HttpRequest) -> &str {
     req.headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
+}
+
+/// Which device endpoint a request is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceEndpoint {
+    Checkin,
+    Connect,
+}
+
+/// Whether this node took the request from the device (and may pass it on to the owner
+/// of the device's shard) or from a peer that already did (and must not pass it on).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hop {
+    Edge,
+    Owner,
 }
 
 /// `PUT /mdm`: a check-in if the Content-Type says so, otherwise a connect report.
@@ -34,11 +52,12 @@ pub async fn mdm(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Rejection> {
     let body = read_body(&req, payload, &state.settings).await?;
-    if content_type(&req).starts_with(CHECKIN_CONTENT_TYPE) {
-        checkin(&req, &body, &state).await
-    } else {
-        connect(&req, body, &state).await
-    }
+    let endpoint = match content_type(&req).starts_with(CHECKIN_CONTENT_TYPE) {
+        true => DeviceEndpoint::Checkin,
+        false => DeviceEndpoint::Connect,
+    };
+    let fingerprint = device_identity(&req, &body, &state)?;
+    serve(endpoint, fingerprint, body, &state, Hop::Edge).await
 }
 
 /// `PUT /checkin`: check-in messages only.
@@ -57,7 +76,84 @@ pub async fn checkin_only(
         ));
     }
     let body = read_body(&req, payload, &state.settings).await?;
-    checkin(&req, &body, &state).await
+    let fingerprint = device_identity(&req, &body, &state)?;
+    serve(
+        DeviceEndpoint::Checkin,
+        fingerprint,
+        body,
+        &state,
+        Hop::Edge,
+    )
+    .await
+}
+
+/// Answer a device request whose identity is verified: here when this node serves the
+/// device's shard, else by its owner (`internal::forward_device`).
+pub async fn serve(
+    endpoint: DeviceEndpoint,
+    fingerprint: CertFingerprint,
+    body: web::Bytes,
+    state: &AppState,
+    hop: Hop,
+) -> Result<HttpResponse, Rejection> {
+    match endpoint {
+        DeviceEndpoint::Checkin => {
+            let checkin = decode_checkin(&body).map_err(Rejection::protocol)?;
+            let id = checkin.channel.id.clone();
+            match forward(state, &id, hop, endpoint, fingerprint, &body).await? {
+                Some(answer) => Ok(answer),
+                None => handle_checkin(checkin, fingerprint, state).await,
+            }
+        }
+        DeviceEndpoint::Connect => match decode_connect(&body) {
+            Ok(report) => {
+                let id = report.channel.id.clone();
+                match forward(state, &id, hop, endpoint, fingerprint, &body).await? {
+                    Some(answer) => Ok(answer),
+                    None => handle_connect(report, body, fingerprint, state).await,
+                }
+            }
+            Err(e) => {
+                if let Some(id) = bound_enrollment(fingerprint, state).await {
+                    if let Some(answer) =
+                        forward(state, &id, hop, endpoint, fingerprint, &body).await?
+                    {
+                        return Ok(answer);
+                    }
+                    let _ = state.registry.send(&id, UnparseableResult).await;
+                }
+                Err(Rejection::protocol(e))
+            }
+        },
+    }
+}
+
+/// The owner's answer when another node serves `id` (`None`: serve it here).
+async fn forward(
+    state: &AppState,
+    id: &str,
+    hop: Hop,
+    endpoint: DeviceEndpoint,
+    fingerprint: CertFingerprint,
+    body: &web::Bytes,
+) -> Result<Option<HttpResponse>, Rejection> {
+    let Some(forwarder) = &state.forwarder else {
+        return Ok(None);
+    };
+    let shard = shard_of(id);
+    match (forwarder.node().route(shard), hop) {
+        (Route::Local, _) => Ok(None),
+        (Route::Peer { url, .. }, Hop::Edge) => {
+            let request = ForwardedDevice {
+                endpoint,
+                fingerprint,
+                body: body.clone(),
+            };
+            internal::forward_device(forwarder, &url, shard, request).await
+        }
+        (Route::Peer { .. }, Hop::Owner) => Err(internal::not_owner(id)),
+        (Route::Unavailable, _) => Err(Rejection::from_device(DeviceError::NotLocal)),
+    }
 }
 
 /// How the channel's actor should treat the caller: device channels check the binding
@@ -78,14 +174,12 @@ async fn caller_for(
     Ok(Caller::VouchedByDevice)
 }
 
-async fn checkin(
-    req: &HttpRequest,
-    body: &[u8],
+async fn handle_checkin(
+    checkin: Checkin,
+    fingerprint: CertFingerprint,
     state: &AppState,
 ) -> Result<HttpResponse, Rejection> {
     let started = Instant::now();
-    let fingerprint = device_identity(req, body, state)?;
-    let checkin = decode_checkin(body).map_err(Rejection::protocol)?;
     let message_type = checkin.message.message_type();
     let span = tracing::info_span!("checkin", enrollment_id = %checkin.channel.id, message_type);
     let _entered = span.enter();
@@ -112,20 +206,13 @@ async fn checkin(
     })
 }
 
-async fn connect(
-    req: &HttpRequest,
+async fn handle_connect(
+    report: ConnectReport,
     body: web::Bytes,
+    fingerprint: CertFingerprint,
     state: &AppState,
 ) -> Result<HttpResponse, Rejection> {
     let started = Instant::now();
-    let fingerprint = device_identity(req, &body, state)?;
-    let report = match decode_connect(&body) {
-        Ok(report) => report,
-        Err(e) => {
-            note_unparseable_result(fingerprint, state).await;
-            return Err(Rejection::protocol(e));
-        }
-    };
     let status = report.status.as_str();
     let caller = caller_for(&report.channel, fingerprint, state).await?;
     let id = report.channel.id.clone();
@@ -154,12 +241,10 @@ async fn connect(
     })
 }
 
-/// A result the server cannot parse must not block the device's queue forever: charge it
-/// to the command in flight for the enrollment this certificate is bound to.
-async fn note_unparseable_result(fingerprint: CertFingerprint, state: &AppState) {
-    if let Ok(Some(enrollment_id)) = state.store.cert_binding(&fingerprint).await {
-        let _ = state.registry.send(&enrollment_id, UnparseableResult).await;
-    }
+/// A result the server cannot parse must not block the device's queue forever: it is
+/// charged to the command in flight for the enrollment this certificate is bound to.
+async fn bound_enrollment(fingerprint: CertFingerprint, state: &AppState) -> Option<String> {
+    state.store.cert_binding(&fingerprint).await.ok().flatten()
 }
 
 /// `GET /mdm/enroll`: a fresh enrollment profile with its own identity.

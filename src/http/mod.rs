@@ -1,7 +1,8 @@
 //! The HTTP surface: device endpoints (`/mdm`, `/checkin`, `/mdm/enroll`), the admin API
-//! (`/api/v1/...`, API-key protected), and operations endpoints (`/metrics`, `/healthz`,
-//! `/readyz`, `/version`). Handlers translate HTTP to device-actor messages and back;
-//! protocol decoding lives in `protocol`, state in `device`.
+//! (`/api/v1/...`, API-key protected), operations endpoints (`/metrics`, `/healthz`,
+//! `/readyz`, `/version`), and the node-to-node routes under `/internal/` (cluster mode,
+//! signed with the cluster secret). Handlers translate HTTP to device-actor messages and
+//! back; protocol decoding lives in `protocol`, state in `device`.
 
 mod admin;
 mod auth;
@@ -9,6 +10,7 @@ pub mod body;
 mod ddm;
 mod device;
 pub mod identity;
+mod internal;
 mod nanohub;
 pub mod rejection;
 pub mod tls;
@@ -48,6 +50,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// This node's place in the cluster (`--store scylla --cluster-secret`).
     pub cluster: Option<Arc<crate::cluster::ClusterNode>>,
+    /// Node-to-node calls (cluster mode).
+    pub forwarder: Option<Arc<crate::forward::Forwarder>>,
 }
 
 impl AppState {
@@ -72,6 +76,7 @@ impl AppState {
             api_key: auth::ApiKey::new(api_key),
             metrics,
             cluster: None,
+            forwarder: None,
         }
     }
 }
@@ -89,6 +94,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/readyz", web::get().to(readyz))
             .route("/version", web::get().to(version))
             .route("/api/v1/openapi.json", web::get().to(admin::openapi))
+            .configure(internal::routes)
             .service(
                 web::scope("/api/v1")
                     .wrap(from_fn(auth::require_api_key))

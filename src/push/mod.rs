@@ -7,7 +7,7 @@ pub mod apns;
 use async_trait::async_trait;
 
 /// Everything needed to wake one channel (from its latest TokenUpdate).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PushTarget {
     pub enrollment_id: String,
     pub topic: String,

@@ -253,7 +253,7 @@ impl Engine {
             match classify(response.status, &reason) {
                 ApnsVerdict::Delivered => {
                     return PushOutcome::Sent {
-                        apns_id: response.apns_id.unwrap_or_default(),
+                        apns_id: response.header("apns-id").unwrap_or_default().to_string(),
                     }
                 }
                 ApnsVerdict::TokenInvalid => {

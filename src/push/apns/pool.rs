@@ -57,10 +57,11 @@ impl TopicPool {
         }
         let topic = self.topic.clone();
         metrics::gauge!("orchard_apns_connections", "topic" => topic.clone()).increment(1.0);
-        let opened = Connection::open(endpoint, Arc::clone(&self.tls), keepalive, move || {
-            metrics::gauge!("orchard_apns_connections", "topic" => topic).decrement(1.0);
-        })
-        .await;
+        let opened =
+            super::connection::open(endpoint, Arc::clone(&self.tls), keepalive, move || {
+                metrics::gauge!("orchard_apns_connections", "topic" => topic).decrement(1.0);
+            })
+            .await;
         match opened {
             Ok(connection) => {
                 slot.failures = 0;

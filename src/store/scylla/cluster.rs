@@ -64,21 +64,13 @@ impl Directory for ScyllaStore {
     }
 
     async fn shards(&self) -> StoreResult<Vec<ShardRow>> {
-        let buckets = (0..VIRTUAL_SHARDS / SHARDS_PER_BUCKET).map(|b| async move {
-            let rows: Vec<(i32, String, i64)> = self
-                .rows("cluster_shards", &self.statements.shard_owners, (b as i32,))
-                .await?;
-            StoreResult::Ok(rows)
-        });
-        let rows = try_join_all(buckets).await?.into_iter().flatten();
-        Ok(rows
-            .filter(|(shard, _, _)| (0..VIRTUAL_SHARDS as i32).contains(shard))
-            .map(|(shard, owner, epoch)| ShardRow {
-                shard: ShardId(shard as u32),
-                owner,
-                epoch: epoch.max(0) as u64,
-            })
-            .collect())
+        let buckets = (0..VIRTUAL_SHARDS / SHARDS_PER_BUCKET).map(|b| self.bucket_rows(b as i32));
+        Ok(try_join_all(buckets).await?.into_iter().flatten().collect())
+    }
+
+    async fn shard(&self, shard: ShardId) -> StoreResult<Option<ShardRow>> {
+        let rows = self.bucket_rows(bucket(shard)).await?;
+        Ok(rows.into_iter().find(|row| row.shard == shard))
     }
 
     async fn move_shards(&self, moves: Vec<ShardMove>) -> Vec<StoreResult<bool>> {
@@ -119,6 +111,22 @@ impl Directory for ScyllaStore {
 }
 
 impl ScyllaStore {
+    /// The rows of one `shard_owners` partition (256 shards).
+    async fn bucket_rows(&self, bucket: i32) -> StoreResult<Vec<ShardRow>> {
+        let rows: Vec<(i32, String, i64)> = self
+            .rows("cluster_shards", &self.statements.shard_owners, (bucket,))
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter(|(shard, _, _)| (0..VIRTUAL_SHARDS as i32).contains(shard))
+            .map(|(shard, owner, epoch)| ShardRow {
+                shard: ShardId(shard as u32),
+                owner,
+                epoch: epoch.max(0) as u64,
+            })
+            .collect())
+    }
+
     /// Every move of one bucket in one conditional batch: all apply, or none.
     async fn move_shards_at_once(&self, chain: &[(usize, ShardMove)]) -> StoreResult<bool> {
         let mut batch = Batch::new(BatchType::Logged);
