@@ -15,5 +15,6 @@ pub mod protocol;
 pub mod push;
 pub mod schema;
 pub mod server;
+pub mod shared_state;
 pub mod store;
 pub mod telemetry;

@@ -76,9 +76,7 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
         Some(node) => node.clone(),
         None => Arc::new(ShardMap::single_node("local")),
     };
-    let ca = Arc::new(
-        CertificateAuthority::load_or_create(&args.data_dir).map_err(|e| fail("identity CA", e))?,
-    );
+    let ca = Arc::new(identity_ca(&args, &store)?);
     let mut anchors = vec![ca.ca_cert_der().clone()];
     if let Some(path) = &args.identity_ca {
         anchors.extend(read_pem_certs(path)?);
@@ -87,7 +85,7 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
         IdentityVerifier::with_cache_capacity(anchors.clone(), args.identity_cache_entries)
             .map_err(|e| fail("identity CA bundle", e))?,
     );
-    let (api_key, generated) = api_key(&args)?;
+    let (api_key, generated) = api_key(&args, &store)?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             Some(http::tls::server_config(cert, key, &anchors).map_err(|e| fail("TLS", e))?)
@@ -195,6 +193,11 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
         );
         actix_web::rt::spawn(sweep_actors(Arc::clone(&registry)));
         let interval = Duration::from_secs(args.repush_interval_secs.max(1));
+        if args.store == StoreKind::Scylla {
+            let catalog = Arc::clone(registry.catalog());
+            let follow = crate::shared_state::follow(Arc::clone(&store), catalog, push.clone());
+            actix_web::rt::spawn(follow);
+        }
         actix_web::rt::spawn(sweep_repushes(registry, store, push, interval));
         let server = server.disable_signals().run();
         actix_web::rt::spawn(stop_on_signal(server.handle(), membership));
@@ -452,18 +455,90 @@ fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, StartupEr
 }
 
 /// The API key from the flag, else from the data dir, else a new one stored there.
-fn api_key(args: &ServeArgs) -> Result<(String, bool), StartupError> {
+/// `--api-key`, else the generated key kept in the data dir — on a CQL store the one
+/// every node on the keyspace shares (the first node's).
+fn api_key(args: &ServeArgs, store: &Arc<dyn Store>) -> Result<(String, bool), StartupError> {
     if let Some(key) = &args.api_key {
         return Ok((key.clone(), false));
     }
     let path: PathBuf = args.data_dir.join(API_KEY_FILE);
-    if let Ok(stored) = std::fs::read_to_string(&path) {
-        return Ok((stored.trim().to_string(), false));
+    let stored = std::fs::read_to_string(&path)
+        .ok()
+        .map(|key| key.trim().to_string());
+    let offered = stored
+        .clone()
+        .unwrap_or_else(|| hex::encode(rand::random::<[u8; 24]>()));
+    let key = match args.store {
+        StoreKind::Embedded => offered.clone(),
+        StoreKind::Scylla => {
+            let kept = block_on(store.claim(CLAIM_API_KEY, offered.clone().into_bytes()))?
+                .map_err(|e| fail("cannot read the cluster's API key", e))?;
+            String::from_utf8(kept).map_err(|e| fail("the cluster's API key", e))?
+        }
+    };
+    if stored.as_deref() != Some(key.as_str()) {
+        let _ = std::fs::remove_file(&path);
+        write_private(&path, key.as_bytes())
+            .map_err(|e| fail(&format!("cannot write {}", path.display()), e))?;
     }
-    let key = hex::encode(rand::random::<[u8; 24]>());
-    write_private(&path, key.as_bytes())
-        .map_err(|e| fail(&format!("cannot write {}", path.display()), e))?;
-    Ok((key, true))
+    Ok((key.clone(), stored.is_none() && key == offered))
+}
+
+/// The claims every node on a CQL keyspace shares.
+const CLAIM_API_KEY: &str = "api-key";
+const CLAIM_IDENTITY_CA: &str = "identity-ca";
+
+/// The identity CA. On the embedded store, the data dir's (created on first start). On a
+/// CQL store, the one every node on the keyspace shares: the first node to start offers
+/// its own (or a new one) and the store keeps it; the others adopt it into their data
+/// dirs. A data dir whose CA differs from the keyspace's is refused: the devices it
+/// enrolled would not be trusted by the other nodes.
+fn identity_ca(
+    args: &ServeArgs,
+    store: &Arc<dyn Store>,
+) -> Result<CertificateAuthority, StartupError> {
+    let dir = &args.data_dir;
+    let ca_error = |e| fail("identity CA", e);
+    if args.store == StoreKind::Embedded {
+        return CertificateAuthority::load_or_create(dir).map_err(ca_error);
+    }
+    let local = match CertificateAuthority::exists_in(dir).map_err(ca_error)? {
+        true => Some(CertificateAuthority::load_or_create(dir).map_err(ca_error)?),
+        false => None,
+    };
+    let offered = match &local {
+        Some(ca) => ca.to_pem_bundle(),
+        None => CertificateAuthority::generate()
+            .map_err(ca_error)?
+            .to_pem_bundle(),
+    };
+    let kept = block_on(store.claim(CLAIM_IDENTITY_CA, offered.into_bytes()))?
+        .map_err(|e| fail("cannot read the cluster's identity CA", e))?;
+    let kept = String::from_utf8(kept).map_err(|e| fail("the cluster's identity CA", e))?;
+    let shared = CertificateAuthority::from_pem_bundle(&kept, Path::new("the store's identity CA"))
+        .map_err(ca_error)?;
+    match local {
+        None => {
+            shared.save_in(dir).map_err(ca_error)?;
+            Ok(shared)
+        }
+        Some(local) if local.ca_cert_der() == shared.ca_cert_der() => Ok(local),
+        Some(_) => Err(StartupError(format!(
+            "the identity CA in {} is not the one the other nodes on this keyspace use; move \
+             identity-ca.pem and identity-ca.key aside (pass the old certificate with \
+             --identity-ca to keep trusting the devices it enrolled)",
+            dir.display()
+        ))),
+    }
+}
+
+/// Run one store call before the server's runtime exists.
+fn block_on<F: std::future::Future>(future: F) -> Result<F::Output, StartupError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail("startup runtime", e))?;
+    Ok(runtime.block_on(future))
 }
 
 fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
@@ -487,10 +562,10 @@ fn print_banner(
         let _ = writeln!(out, "orchard listening on {scheme}://{addr}");
     }
     let _ = writeln!(out, "data dir: {}", args.data_dir.display());
-    let origin = if generated {
-        "generated, stored in the data dir"
-    } else {
-        "configured"
+    let origin = match (generated, args.api_key.is_some()) {
+        (true, _) => "generated, stored in the data dir",
+        (false, true) => "configured",
+        (false, false) => "kept in the data dir",
     };
     let _ = writeln!(out, "API key ({origin}): {api_key}");
     match server_url {

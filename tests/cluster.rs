@@ -20,8 +20,8 @@ const LEASE_SECS: u64 = 2;
 const LEASE: Duration = Duration::from_secs(LEASE_SECS);
 const SECRET: &str = "cluster-test-secret";
 
-/// Nodes `names` on one fresh keyspace; every node trusts the first node's identity CA.
-fn cluster_of(names: &[&str], env: &[(&str, &str)]) -> Option<Vec<Server>> {
+/// Nodes `names` on one fresh keyspace, each started with `extra` flags too.
+fn cluster_with(names: &[&str], env: &[(&str, &str)], extra: &[&str]) -> Option<Vec<Server>> {
     let Some(cql) = cql::server() else {
         cql::skip("Orchard cluster");
         return None;
@@ -41,14 +41,14 @@ fn cluster_of(names: &[&str], env: &[(&str, &str)]) -> Option<Vec<Server>> {
             "--lease-secs",
             &lease,
         ];
-        let ca;
-        if let Some(first) = nodes.first() {
-            ca = first.data_dir.join("identity-ca.pem");
-            args.extend(["--identity-ca", ca.to_str().unwrap()]);
-        }
+        args.extend(extra.iter().copied());
         nodes.push(Server::start_on_with_env(store.clone(), &args, env));
     }
     Some(nodes)
+}
+
+fn cluster_of(names: &[&str], env: &[(&str, &str)]) -> Option<Vec<Server>> {
+    cluster_with(names, env, &[])
 }
 
 /// `GET /api/v1/cluster` through `node`.
@@ -370,4 +370,100 @@ async fn a_forwarding_node_vouches_only_for_the_identity_it_verified() {
         victim.drain(&nodes[0]).await.is_empty(),
         "acknowledged through the peer route"
     );
+}
+
+/// Poll `check` until it holds; how long it took.
+async fn within(limit: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < limit, "{what} took over {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    start.elapsed()
+}
+
+#[actix_rt::test]
+async fn identity_ca_push_certificates_and_the_catalog_are_the_same_on_every_node() {
+    // Every node pushes to one APNs peer that trusts only the second certificate.
+    let old_cert = push_certificate_pem(TOPIC);
+    let new_cert = push_certificate_pem(TOPIC);
+    let peer = Peer::start(apns_peer::PeerConfig {
+        trusted_client_certs: vec![certificate_der(&new_cert)],
+        ..Default::default()
+    });
+    let apns = peer.server_args();
+    let apns: Vec<&str> = apns.iter().map(String::as_str).collect();
+    let Some(nodes) = cluster_with(&["node-a", "node-b", "node-c"], &[], &apns) else {
+        return;
+    };
+    settled(&nodes[0], &["node-a", "node-b", "node-c"], LEASE * 4).await;
+
+    // One identity CA: the first node's, adopted by the others.
+    let ca_of = |node: &Server| std::fs::read(node.data_dir.join("identity-ca.pem")).unwrap();
+    assert!(nodes.iter().all(|node| ca_of(node) == ca_of(&nodes[0])));
+    // A device whose identity came from the third node enrolls through the first.
+    let device = Device::new(&nodes[2], "CA0CA0CA-0000-4000-8000-000000000001");
+    upload_this_push_cert(&nodes[0], &old_cert).await;
+    device.enroll(&nodes[0]).await;
+
+    // A certificate replaced through one node is the one every node pushes with.
+    let push_through = async |node: &Server| {
+        let path = format!("/api/v1/nanomdm/push/{}", device.udid);
+        api_get(node, &path).await.1
+    };
+    let refused = push_through(&nodes[1]).await;
+    assert!(
+        refused["status"][&device.udid]["push_error"].is_string(),
+        "{refused}"
+    );
+    upload_this_push_cert(&nodes[0], &new_cert).await;
+    for node in &nodes[1..] {
+        let took = within(
+            Duration::from_secs(2),
+            "the new push certificate",
+            async || push_through(node).await["status"][&device.udid]["push_result"].is_string(),
+        )
+        .await;
+        eprintln!("new push certificate used by another node after {took:?}");
+    }
+
+    // The catalog: published through one node, served to the device through another,
+    // changed through a third, and in effect everywhere within 2 s.
+    let config = |echo: &str| {
+        serde_json::json!({"Type": "com.apple.configuration.management.test",
+            "Identifier": "cluster.config", "Payload": {"Echo": echo}})
+    };
+    let put = async |node: &Server, body: serde_json::Value| {
+        let url = node.url("/api/v1/ddm/declarations");
+        let response = client().put(url).bearer_auth(API_KEY).send_json(&body);
+        response.await.unwrap().status().as_u16()
+    };
+    assert_eq!(put(&nodes[0], config("one")).await, 204);
+    let set = "/api/v1/ddm/set-declarations/cluster?declaration=cluster.config";
+    assert_eq!(api_put(&nodes[1], set, Vec::new()).await.0, 204);
+    let assign = format!("/api/v1/ddm/enrollment-sets/{}?set=cluster", device.udid);
+    assert_eq!(api_put(&nodes[2], &assign, Vec::new()).await.0, 204);
+    let tokens = async |node: &Server| {
+        let answer = ddm(node, &device, "tokens", None).await.2;
+        answer["SyncTokens"]["DeclarationsToken"].clone()
+    };
+    let before = tokens(&nodes[0]).await;
+    assert!(before.is_string(), "{before}");
+    for node in &nodes[1..] {
+        assert_eq!(tokens(node).await, before, "one token through every node");
+    }
+    assert_eq!(put(&nodes[2], config("two")).await, 204);
+    for node in &nodes {
+        within(Duration::from_secs(2), "the changed catalog", async || {
+            tokens(node).await != before
+        })
+        .await;
+    }
+    let path = "declaration/configuration/cluster.config";
+    let mut bodies = Vec::new();
+    for node in &nodes {
+        bodies.push(ddm(node, &device, path, None).await.2);
+    }
+    assert_eq!(bodies[0]["Payload"]["Echo"], "two");
+    assert!(bodies.iter().all(|body| *body == bodies[0]), "{bodies:?}");
 }

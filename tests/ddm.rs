@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use plist::{Dictionary, Value};
+use plist::Dictionary;
 use serde_json::{json, Value as Json};
 
 const UDID: &str = "66ADE930-5FDF-5EC4-8429-15640684C489";
@@ -33,37 +33,6 @@ async fn api(server: &Server, method: &str, path: &str, body: Option<Json>) -> (
     let status = response.status().as_u16();
     let bytes = body_of(response).await;
     (status, serde_json::from_slice(&bytes).unwrap_or(Json::Null))
-}
-
-/// A DeclarativeManagement check-in; answers status, Content-Type and JSON body.
-async fn ddm(
-    server: &Server,
-    device: &Device,
-    endpoint: &str,
-    data: Option<Vec<u8>>,
-) -> (u16, String, Json) {
-    let mut message = Dictionary::new();
-    message.insert("MessageType".into(), "DeclarativeManagement".into());
-    message.insert("UDID".into(), device.udid.clone().into());
-    message.insert("Endpoint".into(), endpoint.into());
-    if let Some(data) = data {
-        message.insert("Data".into(), Value::Data(data));
-    }
-    let response = client()
-        .put(server.url("/mdm"))
-        .insert_header(("Content-Type", CHECKIN))
-        .insert_header((CERT_HEADER, device.cert_header()))
-        .send_body(to_xml(&message))
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    let content_type = content_type_of(&response);
-    let body = body_of(response).await;
-    (
-        status,
-        content_type,
-        serde_json::from_slice(&body).unwrap_or(Json::Null),
-    )
 }
 
 /// The sync doctor's answer for the test device.

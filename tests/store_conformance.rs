@@ -144,6 +144,8 @@ macro_rules! conformance_suite {
                 acknowledged_writes_survive_reopening,
                 concurrent_applies_all_succeed_and_are_visible,
                 unknown_keys_read_as_absent,
+                a_claim_keeps_the_first_value,
+                shared_versions_change_with_the_catalog_and_push_certificates_only,
             );
         }
     };
@@ -487,14 +489,6 @@ mod cases {
 
     pub async fn declarations_and_sets_are_upserted_and_deleted_whole<B: Backend>(backend: B) {
         let store = backend.open().await;
-        let declaration = |id: &str, token: &str| DeclarationRecord {
-            identifier: id.into(),
-            declaration_type: "com.apple.configuration.management.test".into(),
-            payload_json: r#"{"Echo":"hi"}"#.into(),
-            server_token: token.into(),
-            touch: 0,
-            updated_at: 1,
-        };
         let set = |name: &str, ids: &[&str]| DeclarationSet {
             name: name.into(),
             declarations: ids.iter().map(|s| s.to_string()).collect(),
@@ -679,6 +673,69 @@ mod cases {
             store.device("nobody").await.unwrap(),
             DeviceRecords::default()
         );
+    }
+
+    pub async fn a_claim_keeps_the_first_value<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        let first = store.claim("identity-ca", b"first".to_vec()).await.unwrap();
+        assert_eq!(first, b"first");
+        let second = store
+            .claim("identity-ca", b"second".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(second, b"first", "the first claimer's value stays");
+        let other = store.claim("api-key", b"key".to_vec()).await.unwrap();
+        assert_eq!(other, b"key", "claims are per name");
+        // Racing claimers all end up with one value.
+        let racing = futures_util::future::join_all(
+            (0..8).map(|n| store.claim("race", format!("claimer-{n}").into_bytes())),
+        )
+        .await;
+        let values: std::collections::BTreeSet<Vec<u8>> =
+            racing.into_iter().map(Result::unwrap).collect();
+        assert_eq!(values.len(), 1, "{values:?}");
+    }
+
+    pub async fn shared_versions_change_with_the_catalog_and_push_certificates_only<B: Backend>(
+        backend: B,
+    ) {
+        let store = backend.open().await;
+        let start = store.shared_versions().await.unwrap();
+        apply(
+            &store,
+            vec![Mutation::PutEnrollment(enrollment("device-1"))],
+        )
+        .await;
+        assert_eq!(
+            store.shared_versions().await.unwrap(),
+            start,
+            "device writes"
+        );
+
+        apply(
+            &store,
+            vec![Mutation::PutDeclaration(declaration("a", "t1"))],
+        )
+        .await;
+        let declared = store.shared_versions().await.unwrap();
+        assert_ne!(declared.catalog, start.catalog);
+        assert_eq!(declared.push_certs, start.push_certs);
+
+        apply(
+            &store,
+            vec![Mutation::DeleteDeclaration {
+                identifier: "a".into(),
+            }],
+        )
+        .await;
+        let deleted = store.shared_versions().await.unwrap();
+        assert_ne!(deleted.catalog, declared.catalog);
+
+        let cert = push_cert("com.apple.mgmt.External.one", 100);
+        apply(&store, vec![Mutation::PutPushCert(cert)]).await;
+        let pushed = store.shared_versions().await.unwrap();
+        assert_ne!(pushed.push_certs, deleted.push_certs);
+        assert_eq!(pushed.catalog, deleted.catalog);
     }
 
     pub async fn push_certificates_are_kept_per_topic<B: Backend>(backend: B) {
@@ -912,6 +969,17 @@ fn result(uuid: &str, seq: u64, status: ResultStatus) -> CommandResult {
         raw: format!("<plist><string>{uuid}</string></plist>").into_bytes(),
         seq,
         received_at: 1_700_000_000 + seq as i64,
+    }
+}
+
+fn declaration(id: &str, token: &str) -> DeclarationRecord {
+    DeclarationRecord {
+        identifier: id.into(),
+        declaration_type: "com.apple.configuration.management.test".into(),
+        payload_json: r#"{"Echo":"hi"}"#.into(),
+        server_token: token.into(),
+        touch: 0,
+        updated_at: 1,
     }
 }
 

@@ -90,6 +90,23 @@ pub struct Change {
     pub warnings: Vec<Issue>,
 }
 
+/// Declarations and sets as the store holds them.
+async fn read_state(store: &dyn Store) -> Result<CatalogState, CatalogError> {
+    let mut state = CatalogState::default();
+    for record in store.declarations().await? {
+        let declaration = declaration_from_record(&record)?;
+        state
+            .declarations
+            .insert(record.identifier.clone(), Arc::new(declaration));
+    }
+    for set in store.sets().await? {
+        state
+            .sets
+            .insert(set.name, set.declarations.into_iter().collect());
+    }
+    Ok(state)
+}
+
 #[derive(Default)]
 struct CatalogState {
     declarations: BTreeMap<String, Arc<Declaration>>,
@@ -103,30 +120,46 @@ pub struct Catalog {
     writer: tokio::sync::Mutex<()>,
     by_combination: DashMap<Vec<String>, Arc<ManifestSnapshot>>,
     by_token: DashMap<String, Arc<ManifestSnapshot>>,
+    /// The store's catalog version the state was read at.
+    version: parking_lot::Mutex<Vec<u8>>,
 }
 
 impl Catalog {
     /// Load the catalog from the store.
     pub async fn load(store: Arc<dyn Store>) -> Result<Catalog, CatalogError> {
-        let mut state = CatalogState::default();
-        for record in store.declarations().await? {
-            let declaration = declaration_from_record(&record)?;
-            state
-                .declarations
-                .insert(record.identifier.clone(), Arc::new(declaration));
-        }
-        for set in store.sets().await? {
-            state
-                .sets
-                .insert(set.name, set.declarations.into_iter().collect());
-        }
+        let version = store.shared_versions().await?.catalog;
+        let state = read_state(&*store).await?;
         Ok(Catalog {
+            version: parking_lot::Mutex::new(version),
             store,
             state: RwLock::new(state),
             writer: tokio::sync::Mutex::new(()),
             by_combination: DashMap::new(),
             by_token: DashMap::new(),
         })
+    }
+
+    /// Take in changes another node made, if the store's catalog version says there are
+    /// any: read the whole catalog again and drop the manifests cached per set
+    /// combination. Manifests cached by token stay: a token names one content, so what a
+    /// device was shown can still be served. Answers whether it reloaded.
+    pub async fn refresh(&self) -> Result<bool, CatalogError> {
+        let _writing = self.writer.lock().await;
+        self.refresh_locked().await
+    }
+
+    /// [`Catalog::refresh`] for a writer already holding the lock: every change is
+    /// computed against the catalog as the store holds it, wherever it was last changed.
+    async fn refresh_locked(&self) -> Result<bool, CatalogError> {
+        let version = self.store.shared_versions().await?.catalog;
+        if *self.version.lock() == version {
+            return Ok(false);
+        }
+        let state = read_state(&*self.store).await?;
+        *self.state.write() = state;
+        *self.version.lock() = version;
+        self.invalidate();
+        Ok(true)
     }
 
     pub fn declaration(&self, identifier: &str) -> Option<Arc<Declaration>> {
@@ -163,6 +196,7 @@ impl Catalog {
     /// Publish (create or replace) a declaration from the API's JSON.
     pub async fn put_declaration(&self, json: &[u8]) -> Result<Change, CatalogError> {
         let _writing = self.writer.lock().await;
+        self.refresh_locked().await?;
         let touch = 0;
         let (mut declaration, warnings) = Declaration::from_api_json(json, touch)?;
         if let Some(existing) = self.declaration(&declaration.identifier) {
@@ -184,6 +218,7 @@ impl Catalog {
     /// Force a new ServerToken without a content change.
     pub async fn touch(&self, identifier: &str) -> Result<Change, CatalogError> {
         let _writing = self.writer.lock().await;
+        self.refresh_locked().await?;
         let existing = self
             .declaration(identifier)
             .ok_or_else(|| CatalogError::UnknownDeclaration(identifier.to_string()))?;
@@ -195,6 +230,7 @@ impl Catalog {
     /// Delete a declaration that no set contains any more.
     pub async fn delete_declaration(&self, identifier: &str) -> Result<bool, CatalogError> {
         let _writing = self.writer.lock().await;
+        self.refresh_locked().await?;
         if self.declaration(identifier).is_none() {
             return Ok(false);
         }
@@ -222,6 +258,7 @@ impl Catalog {
         add: bool,
     ) -> Result<Change, CatalogError> {
         let _writing = self.writer.lock().await;
+        self.refresh_locked().await?;
         if add && self.declaration(identifier).is_none() {
             return Err(CatalogError::UnknownDeclaration(identifier.to_string()));
         }

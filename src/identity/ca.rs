@@ -109,19 +109,19 @@ impl CertificateAuthority {
     }
 
     fn create(dir: &Path, cert_path: &Path, key_path: &Path) -> Result<Self, IdentityError> {
+        let ca = Self::generate()?;
         fs::create_dir_all(dir).map_err(|err| IdentityError::io(dir, err))?;
+        ca.save_new(cert_path, key_path)?;
+        Ok(ca)
+    }
+
+    /// A new CA, in memory only.
+    pub fn generate() -> Result<Self, IdentityError> {
         let key = generate_key()?;
         let issuer = ca_params(OffsetDateTime::now_utc())?
             .self_signed(&key)
             .map_err(generation_error)?;
         let cert_der = issuer.der().clone();
-        let key_pem = pem::encode("PRIVATE KEY", &key.serialize_der());
-        write_new_file(key_path, key_pem.as_bytes(), 0o600)?;
-        write_new_file(
-            cert_path,
-            pem::encode("CERTIFICATE", &cert_der).as_bytes(),
-            0o644,
-        )?;
         Ok(Self {
             issuer,
             key,
@@ -129,18 +129,67 @@ impl CertificateAuthority {
         })
     }
 
+    /// Whether `dir` holds a CA (either of its files).
+    pub fn exists_in(dir: &Path) -> Result<bool, IdentityError> {
+        Ok(exists(&dir.join(CA_CERT_FILE))? || exists(&dir.join(CA_KEY_FILE))?)
+    }
+
+    /// Write this CA into `dir`, which must not hold one.
+    pub fn save_in(&self, dir: &Path) -> Result<(), IdentityError> {
+        fs::create_dir_all(dir).map_err(|err| IdentityError::io(dir, err))?;
+        self.save_new(&dir.join(CA_CERT_FILE), &dir.join(CA_KEY_FILE))
+    }
+
+    fn save_new(&self, cert_path: &Path, key_path: &Path) -> Result<(), IdentityError> {
+        write_new_file(key_path, self.key_pem().as_bytes(), 0o600)?;
+        write_new_file(cert_path, self.ca_cert_pem().as_bytes(), 0o644)
+    }
+
+    fn key_pem(&self) -> String {
+        pem::encode("PRIVATE KEY", &self.key.serialize_der())
+    }
+
+    /// Certificate and key in one PEM text: how a cluster's store keeps the CA.
+    pub fn to_pem_bundle(&self) -> String {
+        format!("{}{}", self.ca_cert_pem(), self.key_pem())
+    }
+
+    /// The CA from [`CertificateAuthority::to_pem_bundle`]'s text; `origin` names it in
+    /// errors.
+    pub fn from_pem_bundle(text: &str, origin: &Path) -> Result<Self, IdentityError> {
+        let blocks = pem::decode_blocks(text).map_err(|err| corrupt(origin, &err.to_string()))?;
+        let block = |label: &str| {
+            blocks
+                .iter()
+                .find(|block| block.label == label)
+                .map(|block| block.der.clone())
+                .ok_or_else(|| corrupt(origin, &format!("no {label} block")))
+        };
+        Self::from_der(block("CERTIFICATE")?, block("PRIVATE KEY")?, origin, origin)
+    }
+
     fn load(cert_path: &Path, key_path: &Path) -> Result<Self, IdentityError> {
         let key_der = read_single_block(key_path, "PRIVATE KEY")?;
+        let cert_der = read_single_block(cert_path, "CERTIFICATE")?;
+        Self::from_der(cert_der, key_der, cert_path, key_path)
+    }
+
+    fn from_der(
+        cert_der: Vec<u8>,
+        key_der: Vec<u8>,
+        cert_origin: &Path,
+        key_origin: &Path,
+    ) -> Result<Self, IdentityError> {
         let key = KeyPair::from_pkcs8_der_and_sign_algo(
             &PrivatePkcs8KeyDer::from(key_der),
             &PKCS_ECDSA_P256_SHA256,
         )
-        .map_err(|err| corrupt(key_path, &format!("not a P-256 PKCS#8 key: {err}")))?;
-        let cert_der = CertificateDer::from(read_single_block(cert_path, "CERTIFICATE")?);
+        .map_err(|err| corrupt(key_origin, &format!("not a P-256 PKCS#8 key: {err}")))?;
+        let cert_der = CertificateDer::from(cert_der);
         let issuer = ca_params(OffsetDateTime::now_utc())?
             .self_signed(&key)
             .map_err(generation_error)?;
-        ensure_same_identity(&cert_der, issuer.der(), cert_path)?;
+        ensure_same_identity(&cert_der, issuer.der(), cert_origin)?;
         Ok(Self {
             issuer,
             key,

@@ -39,8 +39,8 @@ use tracing::{debug, error, warn};
 
 use super::{
     CertFingerprint, CommandResult, DdmRecord, DeclarationRecord, DeclarationSet, DeviceRecords,
-    EnrollmentRecord, FleetRows, Mutation, PushCertRecord, QueueEntry, Store, StoreError,
-    StoreResult, StoredCommand, StoredReport, WakeEntry,
+    EnrollmentRecord, FleetRows, Mutation, PushCertRecord, QueueEntry, SharedVersions, Store,
+    StoreError, StoreResult, StoredCommand, StoredReport, WakeEntry,
 };
 
 /// Page cache unless configured (redb's own default is 1 GiB).
@@ -88,6 +88,10 @@ const DDM_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("ddm_state"
 const DDM_TIMELINE: TableDefinition<&str, &[u8]> = TableDefinition::new("ddm_timeline");
 /// (enrollment id, report number) -> postcard [`StoredReport`].
 const DDM_REPORTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("ddm_reports");
+/// Values claimed once ([`Store::claim`]): the first writer's stays.
+const CLAIMS: TableDefinition<&str, &[u8]> = TableDefinition::new("claims");
+/// A counter per kind of shared state, raised by every write of that kind.
+const VERSIONS: TableDefinition<&str, u64> = TableDefinition::new("versions");
 
 /// The embedded, single-node [`Store`].
 pub struct EmbeddedStore {
@@ -164,6 +168,11 @@ impl EmbeddedStore {
             .into_iter()
             .map(EncodedMutation::encode)
             .collect::<StoreResult<Vec<_>>>()?;
+        self.submit_encoded(mutations).await
+    }
+
+    /// Hand encoded mutations to the writer; answers once their group is durable.
+    async fn submit_encoded(&self, mutations: Vec<EncodedMutation>) -> StoreResult<()> {
         let (reply, outcome) = oneshot::channel();
         let request = WriteRequest {
             encoded_bytes: mutations.iter().map(EncodedMutation::encoded_bytes).sum(),
@@ -537,6 +546,40 @@ impl Store for EmbeddedStore {
     async fn ping(&self) -> StoreResult<()> {
         self.read("ping", |_| Ok(())).await
     }
+
+    async fn claim(&self, name: &str, value: Vec<u8>) -> StoreResult<Vec<u8>> {
+        let claim = EncodedMutation::Claim {
+            name: name.to_owned(),
+            value,
+        };
+        self.submit_encoded(vec![claim]).await?;
+        let name = name.to_owned();
+        self.read("claim", move |snapshot| {
+            let table = snapshot.open_table(CLAIMS).map_err(backend_error)?;
+            let value = table.get(name.as_str()).map_err(backend_error)?;
+            value
+                .map(|v| v.value().to_vec())
+                .ok_or_else(|| StoreError::Backend(format!("claim {name} vanished")))
+        })
+        .await
+    }
+
+    async fn shared_versions(&self) -> StoreResult<SharedVersions> {
+        self.read("shared_versions", |snapshot| {
+            let table = snapshot.open_table(VERSIONS).map_err(backend_error)?;
+            let version = |kind: &str| -> StoreResult<Vec<u8>> {
+                let value = table.get(kind).map_err(backend_error)?;
+                Ok(value
+                    .map(|v| v.value().to_be_bytes().to_vec())
+                    .unwrap_or_default())
+            };
+            Ok(SharedVersions {
+                catalog: version(super::SHARED_CATALOG)?,
+                push_certs: version(super::SHARED_PUSH_CERTS)?,
+            })
+        })
+        .await
+    }
 }
 
 /// One `apply` call waiting for its group to commit.
@@ -549,6 +592,11 @@ struct WriteRequest {
 /// A [`Mutation`] with its values already encoded, so that the writer thread spends its
 /// time on the B-tree and the fsync only.
 enum EncodedMutation {
+    /// Not a [`Mutation`]: written by [`Store::claim`] alone.
+    Claim {
+        name: String,
+        value: Vec<u8>,
+    },
     PutEnrollment {
         id: String,
         value: Vec<u8>,
@@ -733,7 +781,8 @@ impl EncodedMutation {
     /// Approximate size written, for bounding a group.
     fn encoded_bytes(&self) -> usize {
         match self {
-            EncodedMutation::PutEnrollment { id, value } => id.len() + value.len(),
+            EncodedMutation::PutEnrollment { id, value }
+            | EncodedMutation::Claim { name: id, value } => id.len() + value.len(),
             EncodedMutation::BindCertificate { enrollment_id, .. } => 32 + enrollment_id.len(),
             EncodedMutation::PutCommand {
                 command_uuid,
@@ -886,6 +935,8 @@ struct WriteTables<'txn> {
     ddm_state: Table<'txn, &'static str, &'static [u8]>,
     ddm_timeline: Table<'txn, &'static str, &'static [u8]>,
     ddm_reports: Table<'txn, (&'static str, u64), &'static [u8]>,
+    claims: Table<'txn, &'static str, &'static [u8]>,
+    versions: Table<'txn, &'static str, u64>,
 }
 
 impl<'txn> WriteTables<'txn> {
@@ -914,7 +965,23 @@ impl<'txn> WriteTables<'txn> {
                 .open_table(DDM_TIMELINE)
                 .map_err(backend_error)?,
             ddm_reports: transaction.open_table(DDM_REPORTS).map_err(backend_error)?,
+            claims: transaction.open_table(CLAIMS).map_err(backend_error)?,
+            versions: transaction.open_table(VERSIONS).map_err(backend_error)?,
         })
+    }
+
+    /// Raise the version of a kind of shared state (see [`Store::shared_versions`]).
+    fn bump_version(&mut self, kind: &str) -> StoreResult<()> {
+        let current = self
+            .versions
+            .get(kind)
+            .map_err(backend_error)?
+            .map(|v| v.value())
+            .unwrap_or(0);
+        self.versions
+            .insert(kind, current + 1)
+            .map_err(backend_error)?;
+        Ok(())
     }
 
     fn apply(&mut self, mutation: &EncodedMutation) -> StoreResult<()> {
@@ -977,6 +1044,7 @@ impl<'txn> WriteTables<'txn> {
                 self.push_certs
                     .insert(topic.as_str(), value.as_slice())
                     .map_err(backend_error)?;
+                self.bump_version(super::SHARED_PUSH_CERTS)?;
             }
             EncodedMutation::ScheduleWake {
                 enrollment_id,
@@ -996,11 +1064,25 @@ impl<'txn> WriteTables<'txn> {
                 self.keyed(*table)
                     .insert(key.as_str(), value.as_slice())
                     .map_err(backend_error)?;
+                self.bump_shared(*table)?;
             }
             EncodedMutation::DeleteRow { table, key } => {
                 self.keyed(*table)
                     .remove(key.as_str())
                     .map_err(backend_error)?;
+                self.bump_shared(*table)?;
+            }
+            EncodedMutation::Claim { name, value } => {
+                if self
+                    .claims
+                    .get(name.as_str())
+                    .map_err(backend_error)?
+                    .is_none()
+                {
+                    self.claims
+                        .insert(name.as_str(), value.as_slice())
+                        .map_err(backend_error)?;
+                }
             }
             EncodedMutation::PutSetMember { set, enrollment_id } => {
                 self.set_members
@@ -1062,6 +1144,14 @@ impl<'txn> WriteTables<'txn> {
                 .map_err(backend_error)?;
         }
         Ok(())
+    }
+
+    /// The catalog's tables are shared state every node caches.
+    fn bump_shared(&mut self, table: KeyedTable) -> StoreResult<()> {
+        match table {
+            KeyedTable::Declarations | KeyedTable::Sets => self.bump_version(super::SHARED_CATALOG),
+            KeyedTable::DdmState | KeyedTable::DdmTimeline => Ok(()),
+        }
     }
 
     fn keyed(&mut self, table: KeyedTable) -> &mut Table<'txn, &'static str, &'static [u8]> {

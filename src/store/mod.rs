@@ -407,4 +407,23 @@ pub trait Store: Send + Sync + 'static {
     async fn ddm_reports(&self, enrollment_id: &str) -> StoreResult<Vec<StoredReport>>;
     /// Whether the store answers now (readiness), at the cost of one small read.
     async fn ping(&self) -> StoreResult<()>;
+    /// Store `value` under `name` unless a value is there already; answers the value that
+    /// stays (the first claimer's). Every node of a cluster claims the identity CA and the
+    /// generated API key at startup, and all end up with the same.
+    async fn claim(&self, name: &str, value: Vec<u8>) -> StoreResult<Vec<u8>>;
+    /// Opaque versions of the state every node caches; a version changes with every
+    /// write of its kind, so a node polls them to learn of a change made through another.
+    async fn shared_versions(&self) -> StoreResult<SharedVersions>;
+}
+
+/// Kinds of shared state whose versions are kept.
+pub(crate) const SHARED_CATALOG: &str = "catalog";
+pub(crate) const SHARED_PUSH_CERTS: &str = "push_certs";
+
+/// See [`Store::shared_versions`]; empty before the first write of a kind.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SharedVersions {
+    /// Declarations and sets.
+    pub catalog: Vec<u8>,
+    pub push_certs: Vec<u8>,
 }

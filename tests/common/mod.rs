@@ -412,6 +412,37 @@ impl Device {
     }
 }
 
+/// A DeclarativeManagement check-in; answers status, Content-Type and JSON body.
+pub async fn ddm(
+    server: &Server,
+    device: &Device,
+    endpoint: &str,
+    data: Option<Vec<u8>>,
+) -> (u16, String, serde_json::Value) {
+    let mut message = Dictionary::new();
+    message.insert("MessageType".into(), "DeclarativeManagement".into());
+    message.insert("UDID".into(), device.udid.clone().into());
+    message.insert("Endpoint".into(), endpoint.into());
+    if let Some(data) = data {
+        message.insert("Data".into(), Value::Data(data));
+    }
+    let response = client()
+        .put(server.url("/mdm"))
+        .insert_header(("Content-Type", CHECKIN))
+        .insert_header((CERT_HEADER, device.cert_header()))
+        .send_body(to_xml(&message))
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let content_type = content_type_of(&response);
+    let body = body_of(response).await;
+    (
+        status,
+        content_type,
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
 /// A fresh server with one device that has sent Authenticate and TokenUpdate.
 pub async fn enrolled_device(udid: &str) -> (Server, Device) {
     let server = Server::start();

@@ -50,8 +50,8 @@ use self::rows::WriteClock;
 use self::statements::Statements;
 use super::{
     CertFingerprint, CommandResult, DeclarationRecord, DeclarationSet, DeviceRecords,
-    EnrollmentRecord, FleetRows, Mutation, PushCertRecord, QueueEntry, Store, StoreError,
-    StoreResult, StoredCommand, StoredReport, WakeEntry,
+    EnrollmentRecord, FleetRows, Mutation, PushCertRecord, QueueEntry, SharedVersions, Store,
+    StoreError, StoreResult, StoredCommand, StoredReport, WakeEntry,
 };
 use crate::cluster::WriteFence;
 
@@ -507,6 +507,46 @@ impl Store for ScyllaStore {
         self.read_shared_kind::<PushCertRecord>(reads::PUSH_CERT)
             .await
             .map(drop)
+    }
+
+    async fn claim(&self, name: &str, value: Vec<u8>) -> StoreResult<Vec<u8>> {
+        let result = self
+            .run("claim", async {
+                self.session
+                    .execute_unpaged(&self.statements.claim, (name, value.clone()))
+                    .await
+                    .map_err(unavailable)
+            })
+            .await?;
+        let (applied, columns) = lwt_row(result)?;
+        if applied {
+            return Ok(value);
+        }
+        columns
+            .into_iter()
+            .find(|(column, _)| column == "value")
+            .and_then(|(_, stored)| stored?.into_blob())
+            .ok_or_else(|| StoreError::Backend(format!("claim {name} returned no value")))
+    }
+
+    async fn shared_versions(&self) -> StoreResult<SharedVersions> {
+        let rows: Vec<(String, Vec<u8>)> = self
+            .rows(
+                "shared_versions",
+                &self.statements.shared_named,
+                (reads::VERSION,),
+            )
+            .await?;
+        let version = |kind: &str| {
+            rows.iter()
+                .find(|(name, _)| name == kind)
+                .map(|(_, value)| value.clone())
+                .unwrap_or_default()
+        };
+        Ok(SharedVersions {
+            catalog: version(crate::store::SHARED_CATALOG),
+            push_certs: version(crate::store::SHARED_PUSH_CERTS),
+        })
     }
 }
 

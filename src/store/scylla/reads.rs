@@ -19,6 +19,10 @@ use crate::store::{
 pub(super) const PUSH_CERT: &str = "push_cert";
 pub(super) const DECLARATION: &str = "declaration";
 pub(super) const SET: &str = "set";
+/// Versions of the kinds above (`Store::shared_versions`).
+pub(super) const VERSION: &str = "version";
+/// Values claimed once (`Store::claim`).
+pub(super) const CLAIM: &str = "claim";
 
 /// Buckets read ahead while filling a page.
 const BUCKETS_AHEAD: usize = 4;

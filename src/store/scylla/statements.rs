@@ -9,6 +9,7 @@ use scylla::statement::prepared::PreparedStatement;
 
 use super::backend;
 use super::cluster::CLUSTER;
+use super::reads::CLAIM;
 use super::rows::section::{QUEUE, RESULTS};
 use crate::store::StoreResult;
 
@@ -33,6 +34,8 @@ pub struct Statements {
     pub delete_shared: PreparedStatement,
     pub shared_kind: PreparedStatement,
     pub shared_one: PreparedStatement,
+    pub shared_named: PreparedStatement,
+    pub claim: PreparedStatement,
     pub put_set_member: PreparedStatement,
     pub delete_set_member: PreparedStatement,
     pub set_member_page: PreparedStatement,
@@ -78,6 +81,8 @@ impl Statements {
             delete_shared: p(format!("DELETE FROM {ks}.shared_state USING TIMESTAMP ? WHERE kind = ? AND name = ?"), true).await?,
             shared_kind: p(format!("SELECT value FROM {ks}.shared_state WHERE kind = ?"), true).await?,
             shared_one: p(format!("SELECT value FROM {ks}.shared_state WHERE kind = ? AND name = ?"), true).await?,
+            shared_named: p(format!("SELECT name, value FROM {ks}.shared_state WHERE kind = ?"), true).await?,
+            claim: p(format!("INSERT INTO {ks}.shared_state (kind, name, value) VALUES ('{CLAIM}', ?, ?) IF NOT EXISTS"), false).await?,
             put_set_member: p(format!("INSERT INTO {ks}.set_members (set_name, bucket, enrollment_id) VALUES (?, ?, ?) USING TIMESTAMP ?"), true).await?,
             delete_set_member: p(format!("DELETE FROM {ks}.set_members USING TIMESTAMP ? WHERE set_name = ? AND bucket = ? AND enrollment_id = ?"), true).await?,
             set_member_page: p(format!("SELECT enrollment_id FROM {ks}.set_members WHERE set_name = ? AND bucket = ? AND enrollment_id > ? LIMIT ?"), true).await?,

@@ -19,11 +19,14 @@ use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::CqlValue;
 
-use super::reads::{DECLARATION, PUSH_CERT, SET};
+use super::reads::{DECLARATION, PUSH_CERT, SET, VERSION};
 use super::rows::{self, section, NumberedReport, WriteClock};
 use super::{lwt_row, unavailable, ScyllaStore};
 use crate::cluster::{fenced_timestamp, shard_of, WriteFence};
-use crate::store::{CertFingerprint, Mutation, StoreError, StoreResult, WakeEntry};
+use crate::store::{
+    CertFingerprint, Mutation, StoreError, StoreResult, WakeEntry, SHARED_CATALOG,
+    SHARED_PUSH_CERTS,
+};
 
 /// Which prepared statement a planned write runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,12 +184,33 @@ impl Plan {
                 stamps.take_plain(),
             ],
         });
+        self.raise_version(kind, stamps);
     }
 
     fn delete_shared(&mut self, kind: &str, name: &str, stamps: &mut Stamps) {
         self.before.push(Write {
             stmt: Stmt::DeleteShared,
             values: vec![stamps.take_plain(), text(kind), text(name)],
+        });
+        self.raise_version(kind, stamps);
+    }
+
+    /// A new version of the shared state `kind` belongs to, written after the rows (so a
+    /// node that sees the version reads the change), random so two writers never collide.
+    fn raise_version(&mut self, kind: &str, stamps: &mut Stamps) {
+        let shared = match kind {
+            DECLARATION | SET => SHARED_CATALOG,
+            PUSH_CERT => SHARED_PUSH_CERTS,
+            _ => return,
+        };
+        self.after.push(Write {
+            stmt: Stmt::PutShared,
+            values: vec![
+                text(VERSION),
+                text(shared),
+                CqlValue::Blob(uuid::Uuid::new_v4().as_bytes().to_vec()),
+                stamps.take_plain(),
+            ],
         });
     }
 
