@@ -467,3 +467,109 @@ async fn identity_ca_push_certificates_and_the_catalog_are_the_same_on_every_nod
     assert_eq!(bodies[0]["Payload"]["Echo"], "two");
     assert!(bodies.iter().all(|body| *body == bodies[0]), "{bodies:?}");
 }
+
+/// Which ids an enqueue acknowledged: all of them on 200, those without a
+/// `command_error` on 207, none otherwise.
+fn acknowledged(status: u16, body: &serde_json::Value, ids: &[&str]) -> Vec<String> {
+    match status {
+        200 => ids.iter().map(|id| id.to_string()).collect(),
+        207 => ids
+            .iter()
+            .filter(|id| body["status"][**id]["command_error"].is_null())
+            .map(|id| id.to_string())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+#[actix_rt::test]
+async fn a_command_storm_loses_nothing_when_an_owner_is_killed_and_a_node_joins() {
+    let Some(mut nodes) = cluster_of(&["node-a", "node-b", "node-c"], &[]) else {
+        return;
+    };
+    settled(&nodes[0], &["node-a", "node-b", "node-c"], LEASE * 4).await;
+    upload_push_cert(&nodes[0]).await;
+    let devices = fleet(&nodes[0], 24);
+    for device in &devices {
+        device.enroll(&nodes[0]).await;
+    }
+    let ids: Vec<&str> = devices.iter().map(|d| d.udid.as_str()).collect();
+    let all = ids.join(",");
+    let mut owed: std::collections::HashMap<String, Vec<String>> = Default::default();
+    let mut enqueue_round = async |via: &Server, round: usize| {
+        let uuid = format!("STORM-{round:03}");
+        let (status, body) = enqueue(via, &all, &uuid, "DeviceInformation").await;
+        assert!([200, 207, 503].contains(&status), "{status} {body}");
+        let taken = acknowledged(status, &body, &ids);
+        for id in &taken {
+            owed.entry(id.clone()).or_default().push(uuid.clone());
+        }
+        taken.len() == ids.len()
+    };
+
+    // A storm through the two surviving nodes; the third is killed a few rounds in.
+    let mut round = 0;
+    for _ in 0..5 {
+        round += 1;
+        assert!(enqueue_round(&nodes[round % 2], round).await);
+    }
+    nodes[2].kill9();
+    let killed = Instant::now();
+    let served_again = loop {
+        round += 1;
+        if enqueue_round(&nodes[round % 2], round).await {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < LEASE * 4,
+            "the killed node's shards stay unserved"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("every device acknowledged again {served_again:?} after kill -9 (lease {LEASE:?})");
+    assert!(
+        served_again <= LEASE * 2 + Duration::from_millis(500),
+        "served within 2 × lease: {served_again:?}"
+    );
+
+    // A fourth node joins mid-storm and takes its share by hand-off.
+    let store = nodes[0].store().clone();
+    let lease = LEASE_SECS.to_string();
+    let args = [
+        "--cluster-secret",
+        SECRET,
+        "--node-id",
+        "node-d",
+        "--lease-secs",
+        &lease,
+    ];
+    nodes.push(Server::start_on(store, &args));
+    let joined = Instant::now();
+    while joined.elapsed() < LEASE * 3 && round < 40 {
+        round += 1;
+        enqueue_round(&nodes[[0, 1, 3][round % 3]], round).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    settled(&nodes[3], &["node-a", "node-b", "node-d"], LEASE * 3).await;
+
+    // Every acknowledged command arrives once, in order; nothing arrives twice.
+    for (index, device) in devices.iter().enumerate() {
+        let via = &nodes[[0, 1, 3][index % 3]];
+        let delivered = device.drain(via).await;
+        let unique: std::collections::BTreeSet<&String> = delivered.iter().collect();
+        assert_eq!(
+            unique.len(),
+            delivered.len(),
+            "a command came twice: {delivered:?}"
+        );
+        let owed = &owed[&device.udid];
+        let acknowledged_in_order: Vec<&String> =
+            delivered.iter().filter(|c| owed.contains(c)).collect();
+        assert_eq!(
+            acknowledged_in_order,
+            owed.iter().collect::<Vec<_>>(),
+            "{}: every acknowledged command, once, in order",
+            device.udid
+        );
+    }
+}
