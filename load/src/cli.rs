@@ -40,9 +40,33 @@ pub struct Args {
     #[arg(long, default_value_t = 30.0)]
     pub request_timeout: f64,
 
-    /// An Orchard already running on this machine (loopback only) instead of starting one.
-    #[arg(long, requires = "api_key")]
-    pub target: Option<String>,
+    /// Orchard nodes already running on this machine (loopback only), comma-separated,
+    /// instead of starting any: each request goes to the next node, as a load balancer
+    /// spreads them.
+    #[arg(long, requires = "api_key", value_delimiter = ',')]
+    pub target: Vec<String>,
+
+    /// Orchard nodes to start here: more than one makes a cluster on `--scylla-nodes`
+    /// (a fresh keyspace per run), and requests are spread over all of them.
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
+
+    /// CQL contact points for the nodes started here (`--store scylla`).
+    #[arg(long)]
+    pub scylla_nodes: Option<String>,
+
+    /// Replication factor of the keyspace the started nodes create.
+    #[arg(long, default_value_t = 1)]
+    pub scylla_replication: u32,
+
+    /// `failover`: seconds into the command storm when one node is killed (SIGKILL).
+    #[arg(long, default_value_t = 30.0)]
+    pub kill_after: f64,
+
+    /// `failover` against `--target` nodes: the pid of the node to kill (for nodes
+    /// started here, the last one is killed).
+    #[arg(long)]
+    pub kill_pid: Option<u32>,
 
     /// API key of the target; a random one for a server started here.
     #[arg(long)]
@@ -125,6 +149,10 @@ pub enum Scenario {
     DdmConverge,
     /// Check-ins, command waves and declaration changes together, for a soak.
     Mixed,
+    /// A command storm during which one node is killed with SIGKILL `--kill-after`
+    /// seconds in: commands lost and delivered twice (both must be 0), and how long
+    /// devices went unserved.
+    Failover,
 }
 
 impl Scenario {
@@ -135,6 +163,7 @@ impl Scenario {
             Scenario::CommandStorm => "command-storm",
             Scenario::DdmConverge => "ddm-converge",
             Scenario::Mixed => "mixed",
+            Scenario::Failover => "failover",
         }
     }
 }
@@ -194,11 +223,26 @@ impl Args {
         if self.devices == 0 || self.concurrency == 0 || self.chunk == 0 {
             return Err("--devices, --concurrency and --chunk must be positive".into());
         }
+        if self.nodes == 0 || (self.nodes > 1 && self.scylla_nodes.is_none()) {
+            return Err("--nodes must be positive; more than one needs --scylla-nodes".into());
+        }
+        if self.scenario == Scenario::Failover {
+            let started_here = self.target.is_empty() && self.nodes >= 2;
+            let named = self.target.len() >= 2 && self.kill_pid.is_some();
+            if !(started_here || named) {
+                return Err(
+                    "failover needs --nodes 2 or more (with --scylla-nodes), or \
+                            two or more --target nodes and --kill-pid"
+                        .into(),
+                );
+            }
+        }
         for (name, value) in [
             ("--duration", self.duration),
             ("--timeout", self.timeout),
             ("--request-timeout", self.request_timeout),
             ("--rate", self.rate),
+            ("--kill-after", self.kill_after),
         ] {
             if !value.is_finite() || value < 0.0 {
                 return Err(format!("{name} must be a non-negative number"));

@@ -97,6 +97,8 @@ struct DeviceState {
     done: bool,
     declarations_token: Option<Box<str>>,
     held: Vec<ManifestItem>,
+    /// Command UUIDs this device acknowledged.
+    acknowledged: Vec<Box<str>>,
 }
 
 impl Device {
@@ -145,6 +147,8 @@ pub struct Answers {
     pub error: Cell<u64>,
     pub ddm_syncs: Cell<u64>,
     pub pushes_ignored: Cell<u64>,
+    /// Commands a device received again after acknowledging them.
+    pub delivered_twice: Cell<u64>,
 }
 
 fn bump(counter: &Cell<u64>) {
@@ -295,6 +299,15 @@ impl Fleet {
         Ok(())
     }
 
+    /// Whether device `index` acknowledged the command.
+    pub fn acknowledged(&self, index: usize, command_uuid: &str) -> bool {
+        let state = self.devices[index].state.borrow();
+        state
+            .acknowledged
+            .iter()
+            .any(|seen| &**seen == command_uuid)
+    }
+
     /// Queues a wake-up for the device a push reached; a waker serves it.
     pub fn queue_wake(&self, index: u32) {
         self.wakes.borrow_mut().push_back(index);
@@ -396,6 +409,15 @@ impl Fleet {
     }
 
     fn count_answer(&self, index: u32, command: &ReceivedCommand, answer: Answer) {
+        if answer == Answer::Acknowledged {
+            let mut state = self.devices[index as usize].state.borrow_mut();
+            let uuid = command.command_uuid.as_str();
+            if state.acknowledged.iter().any(|seen| &**seen == uuid) {
+                bump(&self.answers.delivered_twice);
+            } else {
+                state.acknowledged.push(uuid.into());
+            }
+        }
         bump(match answer {
             Answer::Acknowledged => &self.answers.acknowledged,
             Answer::NotNow => &self.answers.not_now,

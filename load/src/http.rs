@@ -14,6 +14,9 @@ use tokio::sync::Semaphore;
 
 use crate::stats::Stats;
 
+/// How long a node that refused a connection stays out of rotation.
+const DOWN_FOR: Duration = Duration::from_secs(5);
+
 /// Largest response a device or the operator reads (the fleet reports are the biggest).
 const RESPONSE_LIMIT: usize = 64 * 1024 * 1024;
 
@@ -37,7 +40,11 @@ pub struct Credentials<'a> {
 
 pub struct Http {
     client: awc::Client,
-    base: String,
+    /// The nodes requests go to, one after the other, as a load balancer spreads them.
+    bases: Vec<String>,
+    next: std::cell::Cell<usize>,
+    /// Per node: out of rotation until then (it refused a connection).
+    down: Vec<std::cell::Cell<Option<Instant>>>,
     api_key: String,
     transport: IdentityTransport,
     permits: Semaphore,
@@ -50,7 +57,7 @@ pub struct Failed(pub String);
 
 impl Http {
     pub fn new(
-        base: String,
+        bases: Vec<String>,
         api_key: String,
         transport: IdentityTransport,
         concurrency: usize,
@@ -64,7 +71,9 @@ impl Http {
             .finish();
         Self {
             client,
-            base,
+            down: bases.iter().map(|_| std::cell::Cell::new(None)).collect(),
+            bases,
+            next: std::cell::Cell::new(0),
             api_key,
             transport,
             permits: Semaphore::new(concurrency),
@@ -80,24 +89,25 @@ impl Http {
         content_type: &str,
         body: Vec<u8>,
     ) -> Result<Bytes, Failed> {
-        let mut request = self
-            .client
-            .put(format!("{}/mdm", self.base))
-            .insert_header(("Content-Type", content_type));
-        request = match self.transport {
-            IdentityTransport::Header => request.insert_header((
+        let identity = match self.transport {
+            IdentityTransport::Header => (
                 CLIENT_CERT_HEADER,
                 format!(
                     ":{}:",
                     base64::engine::general_purpose::STANDARD.encode(credentials.cert_der)
                 ),
-            )),
-            IdentityTransport::Signature => {
-                let signature =
-                    sign_mdm_signature(credentials.cert_der, credentials.key_pkcs8_der, &body)
-                        .map_err(|err| Failed(format!("signing: {err}")))?;
-                request.insert_header(("Mdm-Signature", signature))
-            }
+            ),
+            IdentityTransport::Signature => (
+                "Mdm-Signature",
+                sign_mdm_signature(credentials.cert_der, credentials.key_pkcs8_der, &body)
+                    .map_err(|err| Failed(format!("signing: {err}")))?,
+            ),
+        };
+        let request = |base: &str| {
+            self.client
+                .put(format!("{base}/mdm"))
+                .insert_header(("Content-Type", content_type))
+                .insert_header(identity.clone())
         };
         self.send(endpoint, request, Some(body))
             .await
@@ -112,35 +122,68 @@ impl Http {
         path: &str,
         body: Option<(&str, Vec<u8>)>,
     ) -> Result<(u16, Bytes), Failed> {
-        let request = self
-            .client
-            .request(method, format!("{}{}", self.base, path))
-            .bearer_auth(&self.api_key);
-        match body {
-            Some((content_type, body)) => {
-                let request = request.insert_header(("Content-Type", content_type));
-                self.send(endpoint, request, Some(body)).await
+        let (content_type, body) = match body {
+            Some((content_type, body)) => (Some(content_type), Some(body)),
+            None => (None, None),
+        };
+        let request = |base: &str| {
+            let request = self
+                .client
+                .request(method.clone(), format!("{base}{path}"))
+                .bearer_auth(&self.api_key);
+            match content_type {
+                Some(content_type) => request.insert_header(("Content-Type", content_type)),
+                None => request,
             }
-            None => self.send(endpoint, request, None).await,
+        };
+        self.send(endpoint, request, body).await
+    }
+
+    /// The node the next request goes to: the next one not marked down, as a load
+    /// balancer rotates over its healthy backends.
+    fn base(&self) -> &str {
+        let now = Instant::now();
+        for _ in 0..self.bases.len() {
+            let index = self.next.get();
+            self.next.set((index + 1) % self.bases.len());
+            if self.down[index].get().is_none_or(|until| until <= now) {
+                return &self.bases[index];
+            }
+        }
+        &self.bases[self.next.get()]
+    }
+
+    /// A node refused a connection: out of rotation for a while.
+    fn mark_down(&self, base: &str) {
+        if let Some(index) = self.bases.iter().position(|b| b == base) {
+            self.down[index].set(Some(Instant::now() + DOWN_FOR));
         }
     }
 
-    /// An unauthenticated GET (health probes); not counted.
-    pub async fn probe(&self, path: &str) -> Option<u16> {
-        let response = self
-            .client
-            .get(format!("{}{}", self.base, path))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-            .ok()?;
-        Some(response.status().as_u16())
+    /// Whether every node answers an unauthenticated GET (health probes) with 200; not
+    /// counted.
+    pub async fn all_answer_ok(&self, path: &str) -> bool {
+        for base in &self.bases {
+            let response = self
+                .client
+                .get(format!("{base}{path}"))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await;
+            if !response.is_ok_and(|r| r.status().as_u16() == 200) {
+                return false;
+            }
+        }
+        true
     }
 
+    /// Send through the next node; a node that refuses the connection (the request
+    /// never left) is marked down and the request goes to the next one, once, as a load
+    /// balancer retries a failed upstream connect.
     async fn send(
         &self,
         endpoint: &'static str,
-        request: awc::ClientRequest,
+        request: impl Fn(&str) -> awc::ClientRequest,
         body: Option<Vec<u8>>,
     ) -> Result<(u16, Bytes), Failed> {
         let _permit = self
@@ -149,25 +192,16 @@ impl Http {
             .await
             .map_err(|_| Failed("client closed".into()))?;
         let started = Instant::now();
-        let outcome = async {
-            let sent = match body {
-                Some(body) => request.send_body(body).await,
-                None => request.send().await,
-            };
-            let mut response = sent.map_err(send_error_kind)?;
-            let status = response.status().as_u16();
-            let body = response
-                .body()
-                .limit(RESPONSE_LIMIT)
-                .await
-                .map_err(|_| "body".to_owned())?;
-            if (200..300).contains(&status) {
-                Ok((status, body))
-            } else {
-                Err(format!("status {status}"))
+        let body = body.map(Bytes::from);
+        let mut outcome = Err(String::new());
+        for _ in 0..2 {
+            let base = self.base().to_owned();
+            outcome = self.exchange(request(&base), body.clone()).await;
+            match &outcome {
+                Err(kind) if kind == "connect" && self.bases.len() > 1 => self.mark_down(&base),
+                _ => break,
             }
         }
-        .await;
         let latency = started.elapsed();
         match outcome {
             Ok(answer) => {
@@ -178,6 +212,31 @@ impl Http {
                 self.stats.record(endpoint, latency, Some(kind.clone()));
                 Err(Failed(kind))
             }
+        }
+    }
+}
+
+impl Http {
+    async fn exchange(
+        &self,
+        request: awc::ClientRequest,
+        body: Option<Bytes>,
+    ) -> Result<(u16, Bytes), String> {
+        let sent = match body {
+            Some(body) => request.send_body(body).await,
+            None => request.send().await,
+        };
+        let mut response = sent.map_err(send_error_kind)?;
+        let status = response.status().as_u16();
+        let body = response
+            .body()
+            .limit(RESPONSE_LIMIT)
+            .await
+            .map_err(|_| "body".to_owned())?;
+        if (200..300).contains(&status) {
+            Ok((status, body))
+        } else {
+            Err(format!("status {status}"))
         }
     }
 }

@@ -32,7 +32,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use crate::fleet::{Fleet, Fractions};
 use crate::http::{Http, IdentityTransport};
 use crate::report::Summary;
-use crate::server::{require_loopback, Launch, ProcessUsage, Spawned};
+use crate::server::{require_loopback, ClusterLaunch, Launch, ProcessUsage, Spawned};
 use crate::stats::Stats;
 
 /// Exit status when the run finished but not every expected device completed.
@@ -58,13 +58,17 @@ fn main() -> ExitCode {
     }
 }
 
-/// Where the server under load lives and how to reach it.
+/// Where the nodes under load live and how to reach them.
 struct Target {
-    base: String,
+    bases: Vec<String>,
     api_key: String,
+    /// The first node's, for its memory and CPU time.
     pid: Option<u32>,
-    /// Keeps a server started here (and its data directory) alive until the run ends.
-    _spawned: Option<(Spawned, tempfile::TempDir)>,
+    /// `failover`: the node to kill.
+    victim: Option<u32>,
+    /// Keeps the servers started here (and their data directories) alive until the run
+    /// ends.
+    _spawned: Vec<(Spawned, tempfile::TempDir)>,
 }
 
 fn run(args: &Args) -> Result<bool, String> {
@@ -92,7 +96,7 @@ fn run(args: &Args) -> Result<bool, String> {
     actix_rt::System::new().block_on(async move {
         let stats = Rc::new(Stats::new());
         let http = Rc::new(Http::new(
-            target.base.clone(),
+            target.bases.clone(),
             target.api_key.clone(),
             args.identity,
             args.concurrency,
@@ -122,10 +126,12 @@ fn run(args: &Args) -> Result<bool, String> {
     })
 }
 
-/// Starts a fresh server, or tells the operator how the running one must be configured.
+/// Starts fresh nodes, or tells the operator how the running ones must be configured.
 fn prepare_target(args: &Args, peer: &Peer, apns_ca: &Path) -> Result<Target, String> {
-    if let Some(base) = &args.target {
-        require_loopback(base).map_err(|err| err.to_string())?;
+    if !args.target.is_empty() {
+        for base in &args.target {
+            require_loopback(base).map_err(|err| err.to_string())?;
+        }
         let identity_ca = args
             .server_data_dir
             .as_deref()
@@ -136,10 +142,11 @@ fn prepare_target(args: &Args, peer: &Peer, apns_ca: &Path) -> Result<Target, St
             IdentityTransport::Signature => "",
         };
         eprintln!(
-            "orchard-load: (re)start the Orchard at {base} with\n  \
+            "orchard-load: (re)start the Orchard nodes at {} with\n  \
              --apns-url {} --apns-ca {} --identity-ca {}{header} \
              --repush-after-secs {} --repush-interval-secs {}\n\
-             orchard-load: waiting until a push from it reaches the peer…",
+             orchard-load: waiting until a push from them reaches the peer…",
+            args.target.join(", "),
             peer.peer.url(),
             apns_ca.display(),
             identity_ca.display(),
@@ -147,47 +154,70 @@ fn prepare_target(args: &Args, peer: &Peer, apns_ca: &Path) -> Result<Target, St
             server::repush_interval_secs(args.repush_after),
         );
         return Ok(Target {
-            base: base.trim_end_matches('/').to_owned(),
+            bases: args
+                .target
+                .iter()
+                .map(|base| base.trim_end_matches('/').to_owned())
+                .collect(),
             api_key: args.api_key.clone().unwrap_or_default(),
             pid: args.server_pid,
-            _spawned: None,
+            victim: args.kill_pid,
+            _spawned: Vec::new(),
         });
     }
     let binary = match &args.server_bin {
         Some(binary) => binary.clone(),
         None => default_server_binary()?,
     };
-    let data = tempfile::tempdir().map_err(|err| format!("temporary data dir: {err}"))?;
-    let data_dir = data.path().join("data");
-    server::seed_identity_ca(&args.state_dir, &data_dir).map_err(|err| err.to_string())?;
     let api_key = args
         .api_key
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-    let log = data.path().join("orchard.log");
-    let spawned = Spawned::start(&Launch {
-        binary: &binary,
-        data_dir: &data_dir,
-        api_key: &api_key,
-        apns_url: &peer.peer.url(),
-        apns_ca,
-        transport: args.identity,
-        repush_after_secs: args.repush_after,
-        log: &log,
-    })
-    .map_err(|err| err.to_string())?;
-    eprintln!(
-        "orchard-load: started {} at {} (pid {}, log {})",
-        binary.display(),
-        spawned.base,
-        spawned.pid(),
-        log.display()
-    );
+    let cluster = args.scylla_nodes.as_ref().map(|nodes| ClusterLaunch {
+        scylla_nodes: nodes.clone(),
+        keyspace: format!(
+            "orchard_load_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        ),
+        replication: args.scylla_replication,
+        secret: uuid::Uuid::new_v4().simple().to_string(),
+    });
+    let mut spawned = Vec::with_capacity(args.nodes);
+    for node in 0..args.nodes {
+        let data = tempfile::tempdir().map_err(|err| format!("temporary data dir: {err}"))?;
+        let data_dir = data.path().join("data");
+        server::seed_identity_ca(&args.state_dir, &data_dir).map_err(|err| err.to_string())?;
+        let log = data.path().join("orchard.log");
+        let server = Spawned::start(&Launch {
+            binary: &binary,
+            data_dir: &data_dir,
+            api_key: &api_key,
+            apns_url: &peer.peer.url(),
+            apns_ca,
+            transport: args.identity,
+            repush_after_secs: args.repush_after,
+            log: &log,
+            cluster: cluster.as_ref(),
+        })
+        .map_err(|err| err.to_string())?;
+        eprintln!(
+            "orchard-load: started node {node}: {} at {} (pid {}, log {})",
+            binary.display(),
+            server.base,
+            server.pid(),
+            log.display()
+        );
+        spawned.push((server, data));
+    }
     Ok(Target {
-        base: spawned.base.clone(),
+        bases: spawned.iter().map(|(s, _)| s.base.clone()).collect(),
         api_key,
-        pid: Some(spawned.pid()),
-        _spawned: Some((spawned, data)),
+        pid: spawned.first().map(|(s, _)| s.pid()),
+        victim: spawned
+            .last()
+            .filter(|_| args.nodes > 1)
+            .map(|(s, _)| s.pid()),
+        _spawned: spawned,
     })
 }
 
@@ -228,13 +258,16 @@ async fn drive(
 ) -> Result<bool, String> {
     let deadline = Instant::now() + Duration::from_secs_f64(args.timeout);
     wait_until_ready(fleet, deadline).await?;
+    if target.bases.len() > 1 {
+        wait_until_balanced(fleet, target.bases.len(), deadline).await?;
+    }
     upload_push_certificate(fleet, push_certificate).await?;
-    if args.target.is_some() {
+    if !args.target.is_empty() {
         wait_for_push_loop(fleet, push_certificate, peer, deadline).await?;
     }
     let progress = actix_rt::spawn(show_progress(Rc::clone(fleet)));
     let started = Instant::now();
-    let outcome = scenario::run(fleet, args)
+    let outcome = scenario::run(fleet, args, target.victim)
         .await
         .map_err(|failed| format!("operator request failed: {}", failed.0));
     progress.abort();
@@ -269,12 +302,45 @@ async fn drive(
 
 async fn wait_until_ready(fleet: &Fleet, deadline: Instant) -> Result<(), String> {
     while Instant::now() < deadline {
-        if fleet.http.probe("/readyz").await == Some(200) {
+        if fleet.http.all_answer_ok("/readyz").await {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Err("the server never became ready (/readyz)".into())
+}
+
+/// A cluster is measured once its shards have settled: every node alive, every shard
+/// owned, each node within ±25 % of an even share (contract §4).
+async fn wait_until_balanced(fleet: &Fleet, nodes: usize, deadline: Instant) -> Result<(), String> {
+    let even = 4096 / nodes as u64;
+    while Instant::now() < deadline {
+        if let Ok((_, body)) = fleet
+            .http
+            .api("api:cluster", Method::GET, "/api/v1/cluster", None)
+            .await
+        {
+            let view: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let shares: Vec<u64> = view["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|node| node["alive"] == true)
+                .filter_map(|node| node["shards"].as_u64())
+                .collect();
+            let balanced = shares.len() == nodes
+                && view["shards_unowned"] == 0
+                && shares
+                    .iter()
+                    .all(|s| s * 4 >= even * 3 && s * 4 <= even * 5);
+            if balanced {
+                eprintln!("orchard-load: {nodes} nodes hold the shards evenly: {shares:?}");
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err("the cluster's shards never settled (GET /api/v1/cluster)".into())
 }
 
 async fn upload_push_certificate(

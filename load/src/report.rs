@@ -117,6 +117,15 @@ impl Summary<'_> {
             out["convergence_ms"] =
                 json!({"count": count, "p50": p50, "p90": p90, "p99": p99, "max": max});
         }
+        if let Some(failover) = &self.outcome.failover {
+            out["failover"] = json!({
+                "victim_pid": failover.victim_pid,
+                "killed_at_s": failover.killed_at_s,
+                "commands_lost": failover.lost,
+                "commands_delivered_twice": failover.delivered_twice,
+                "unserved_s": failover.unserved_s,
+            });
+        }
         if let Some(server) = self.server {
             out["server"] = json!({
                 "rss_kib": server.rss_kib,
@@ -204,6 +213,18 @@ impl Summary<'_> {
             "\ndevice answers: {} acknowledged, {} NotNow, {} Error; {} DDM syncs",
             answers["acknowledged"], answers["not_now"], answers["error"], answers["ddm_syncs"]
         );
+        if let Some(failover) = &self.outcome.failover {
+            let _ = writeln!(
+                out,
+                "failover: node pid {} killed {:.1} s in; commands lost {}, delivered twice {}; \
+                 requests refused for {:.2} s after the kill",
+                failover.victim_pid,
+                failover.killed_at_s,
+                failover.lost,
+                failover.delivered_twice,
+                failover.unserved_s
+            );
+        }
         if let Some(server) = self.server {
             let _ = writeln!(
                 out,

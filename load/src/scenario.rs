@@ -37,14 +37,32 @@ pub struct Phase {
 pub struct Outcome {
     pub phases: Vec<Phase>,
     pub server_view: Option<serde_json::Value>,
+    pub failover: Option<Failover>,
+}
+
+/// What `failover` measured around the node it killed.
+#[derive(Clone, Debug)]
+pub struct Failover {
+    pub victim_pid: u32,
+    /// Seconds into the storm when the node was killed.
+    pub killed_at_s: f64,
+    /// Commands the server acknowledged (enqueue answered `queued`) that never reached
+    /// their device before the deadline.
+    pub lost: usize,
+    /// Commands a device received again after acknowledging them.
+    pub delivered_twice: u64,
+    /// From the kill until the last failed request: how long some device or operator
+    /// request was still refused.
+    pub unserved_s: f64,
 }
 
 /// Runs `args.scenario` against the fleet; the last phase is the headline.
-pub async fn run(fleet: &Rc<Fleet>, args: &Args) -> Result<Outcome, Failed> {
+pub async fn run(fleet: &Rc<Fleet>, args: &Args, victim: Option<u32>) -> Result<Outcome, Failed> {
     let timeout = Duration::from_secs_f64(args.timeout);
     let mut phases = Vec::new();
     let enrollment = enroll(fleet, args, timeout).await;
     let mut server_view = None;
+    let mut failover = None;
     match args.scenario {
         Scenario::Enroll => phases.push(enrollment),
         Scenario::Checkin => {
@@ -69,10 +87,18 @@ pub async fn run(fleet: &Rc<Fleet>, args: &Args) -> Result<Outcome, Failed> {
             phases.push(mixed(fleet, args, &revision, timeout).await?);
             server_view = fleet_view(fleet).await;
         }
+        Scenario::Failover => {
+            phases.push(enrollment);
+            let victim = victim.ok_or_else(|| Failed("failover: no node to kill".into()))?;
+            let (phase, measured) = storm_with_a_kill(fleet, args, victim, timeout).await?;
+            phases.push(phase);
+            failover = Some(measured);
+        }
     }
     Ok(Outcome {
         phases,
         server_view,
+        failover,
     })
 }
 
@@ -245,6 +271,143 @@ async fn command_storm(fleet: &Rc<Fleet>, args: &Args, timeout: Duration) -> Res
     enqueue(fleet, args, &enrolled_udids(fleet)).await?;
     fleet.wait_for(expected, deadline).await;
     Ok(finish(fleet, "command-storm", expected, started))
+}
+
+/// A command storm through every node; `--kill-after` seconds in, node `victim` is killed
+/// with SIGKILL. The operator retries whatever a node could not take while its shards
+/// moved, as a script would; devices retry when pushed again.
+async fn storm_with_a_kill(
+    fleet: &Rc<Fleet>,
+    args: &Args,
+    victim: u32,
+    timeout: Duration,
+) -> Result<(Phase, Failover), Failed> {
+    fleet.set_goal(Goal::Answered {
+        request_type: args.command.request_type().to_owned(),
+    });
+    let started = Instant::now();
+    let deadline = deadline_after(timeout);
+    let expected = fleet.expected();
+    let udids = enrolled_udids(fleet);
+    let kill = async {
+        tokio::time::sleep(Duration::from_secs_f64(args.kill_after)).await;
+        let killed = std::process::Command::new("kill")
+            .args(["-9", &victim.to_string()])
+            .status();
+        eprintln!(
+            "\norchard-load: killed node pid {victim} (SIGKILL) {:.1} s into the storm: {}",
+            started.elapsed().as_secs_f64(),
+            if killed.is_ok_and(|s| s.success()) {
+                "ok"
+            } else {
+                "kill failed"
+            }
+        );
+        fleet.http.stats.elapsed()
+    };
+    let storm = async {
+        let taken = enqueue_until_acknowledged(fleet, args, &udids, deadline).await?;
+        fleet.wait_for(expected, deadline).await;
+        Ok::<_, Failed>(taken)
+    };
+    let (killed_at, stormed) = futures_util::join!(kill, storm);
+    let taken = stormed?;
+    let phase = finish(fleet, "failover", expected, started);
+    // Every command the server acknowledged must reach its device: wait for the last.
+    let index: std::collections::HashMap<&str, usize> = fleet
+        .devices
+        .iter()
+        .enumerate()
+        .map(|(i, device)| (&*device.udid, i))
+        .collect();
+    let lost = loop {
+        let lost = taken
+            .iter()
+            .filter(|(udid, uuid)| !fleet.acknowledged(index[udid], uuid))
+            .count();
+        if lost == 0 || Deadline::now() >= deadline {
+            break lost;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let unserved = fleet
+        .http
+        .stats
+        .last_failure()
+        .map_or(0.0, |last| last.saturating_sub(killed_at).as_secs_f64());
+    let measured = Failover {
+        victim_pid: victim,
+        killed_at_s: args.kill_after,
+        lost,
+        delivered_twice: fleet.answers.delivered_twice.get(),
+        unserved_s: unserved,
+    };
+    Ok((phase, measured))
+}
+
+/// Enqueue the storm command through `POST /api/v1/commands`, chunk by chunk, sending
+/// again to the ids a node did not acknowledge (a shard moving answers them 503).
+/// Answers every `(udid, command uuid)` the server acknowledged.
+async fn enqueue_until_acknowledged<'a>(
+    fleet: &Fleet,
+    args: &Args,
+    udids: &[&'a str],
+    deadline: Deadline,
+) -> Result<Vec<(&'a str, String)>, Failed> {
+    let requests = udids.chunks(args.chunk).map(|chunk| async move {
+        let mut pending: Vec<&'a str> = chunk.to_vec();
+        let mut taken = Vec::with_capacity(chunk.len());
+        while !pending.is_empty() {
+            if Deadline::now() >= deadline {
+                return Err(Failed(format!(
+                    "{} devices never took the command",
+                    pending.len()
+                )));
+            }
+            let body = json!({
+                "targets": pending,
+                "request_type": args.command.request_type(),
+                "params": args.command.params(),
+            });
+            let body = serde_json::to_vec(&body).unwrap_or_default();
+            let answer = fleet
+                .http
+                .api(
+                    "api:commands",
+                    Method::POST,
+                    "/api/v1/commands",
+                    Some(("application/json", body)),
+                )
+                .await;
+            if let Ok((_, answer)) = answer {
+                let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap_or_default();
+                let uuid = answer["command_uuid"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                pending.retain(|id| {
+                    let queued = answer["results"][*id]["queued"] == true;
+                    if queued {
+                        taken.push((*id, uuid.clone()));
+                    }
+                    !queued
+                });
+            }
+            if !pending.is_empty() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        Ok(taken)
+    });
+    let answers: Vec<Result<Vec<_>, Failed>> = stream::iter(requests)
+        .buffer_unordered(PARALLEL_CHUNKS)
+        .collect()
+        .await;
+    let mut taken = Vec::new();
+    for answer in answers {
+        taken.extend(answer?);
+    }
+    Ok(taken)
 }
 
 /// A declaration revision: a payload unique to this run, so a server that already holds

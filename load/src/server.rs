@@ -55,6 +55,36 @@ pub struct Launch<'a> {
     pub transport: IdentityTransport,
     pub repush_after_secs: u64,
     pub log: &'a Path,
+    /// A node of a cluster on a CQL store.
+    pub cluster: Option<&'a ClusterLaunch>,
+}
+
+/// The cluster every node started here joins: one fresh keyspace, one secret.
+pub struct ClusterLaunch {
+    pub scylla_nodes: String,
+    pub keyspace: String,
+    pub replication: u32,
+    pub secret: String,
+}
+
+impl ClusterLaunch {
+    fn args(&self) -> Vec<String> {
+        [
+            "--store",
+            "scylla",
+            "--scylla-nodes",
+            &self.scylla_nodes,
+            "--scylla-keyspace",
+            &self.keyspace,
+            "--scylla-replication",
+            &self.replication.to_string(),
+            "--cluster-secret",
+            &self.secret,
+        ]
+        .iter()
+        .map(|arg| arg.to_string())
+        .collect()
+    }
 }
 
 /// How often the server should look for due re-pushes: a tenth of the re-push delay, from 1 s
@@ -101,6 +131,9 @@ impl Spawned {
             .stderr(log);
         if launch.transport == IdentityTransport::Header {
             command.args(["--client-cert-header", crate::http::CLIENT_CERT_HEADER]);
+        }
+        if let Some(cluster) = launch.cluster {
+            command.args(cluster.args());
         }
         let mut child = command.spawn().map_err(|source| ServerError::Spawn {
             binary: launch.binary.to_owned(),

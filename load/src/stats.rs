@@ -71,6 +71,8 @@ pub struct Stats {
     total: Cell<u64>,
     pushes: Cell<u64>,
     convergence_ms: RefCell<Histogram<u64>>,
+    /// When the latest failed request ended, from the start.
+    last_failure: Cell<Option<Duration>>,
 }
 
 impl Stats {
@@ -82,6 +84,7 @@ impl Stats {
             total: Cell::new(0),
             pushes: Cell::new(0),
             convergence_ms: RefCell::new(histogram(3)),
+            last_failure: Cell::new(None),
         }
     }
 
@@ -103,7 +106,10 @@ impl Stats {
             None => {
                 let _ = stats.latency_us.record(micros.max(1));
             }
-            Some(kind) => *stats.errors.entry(kind).or_default() += 1,
+            Some(kind) => {
+                *stats.errors.entry(kind).or_default() += 1;
+                self.last_failure.set(Some(now));
+            }
         }
         let second = usize::try_from(now.as_secs()).unwrap_or(usize::MAX);
         let mut timeline = self.timeline.borrow_mut();
@@ -121,6 +127,11 @@ impl Stats {
 
     pub fn push_received(&self) {
         self.pushes.set(self.pushes.get() + 1);
+    }
+
+    /// When the latest failed request ended, from the start of the run.
+    pub fn last_failure(&self) -> Option<Duration> {
+        self.last_failure.get()
     }
 
     pub fn pushes(&self) -> u64 {

@@ -4,9 +4,10 @@
 //! owns its shard. [`Registry::call_all`] splits the ids by route: the ones served here
 //! go to local actors, and each other owner gets one batch (`POST
 //! /internal/actors/{kind}`, JSON: the message once, then the ids), all in parallel. The
-//! owner answers them with [`answer_batch`] from its own actors, in order. Ids a peer
-//! refused (it lost the shard a moment ago) or that could not reach it are routed again
-//! once, from the shard's row read then; whatever still fails answers `NotLocal` (503,
+//! owner answers them with [`answer_batch`] from its own actors, in order. Ids with no
+//! owner in this node's view (a shard handed over moments ago), ids a peer refused (it
+//! lost the shard) and ids that could not reach it are routed again once, from the
+//! shard's row read then; whatever still fails answers `NotLocal` (503,
 //! retry) — never another node's stale answer.
 
 use std::collections::{BTreeMap, HashMap};
@@ -146,8 +147,8 @@ impl Registry {
         }
     }
 
-    /// Deliver `msg` to the routed ids; answers the indices worth one more route (their
-    /// peer refused them or was unreachable).
+    /// Deliver `msg` to the routed ids; answers the indices worth one more route (no
+    /// owner in sight, or their peer refused them or was unreachable).
     async fn call_routed<M>(
         self: &Arc<Self>,
         peers: &dyn Peers,
@@ -161,12 +162,14 @@ impl Registry {
         DeviceActor: Handler<M>,
     {
         let mut here = Vec::new();
+        let mut retry = Vec::new();
         let mut by_peer: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (index, route) in routes {
             match route {
                 Route::Local => here.push(index),
                 Route::Peer { url, .. } => by_peer.entry(url).or_default().push(index),
-                Route::Unavailable => answers[index] = Some(Err(DeviceError::NotLocal)),
+                // Ids with no owner in sight are routed again from the shard's row.
+                Route::Unavailable => retry.push(index),
             }
         }
         let local_ids: Vec<String> = here.iter().map(|&i| ids[i].clone()).collect();
@@ -181,7 +184,6 @@ impl Registry {
         for (&index, (_, answer)) in here.iter().zip(local) {
             answers[index] = Some(answer);
         }
-        let mut retry = Vec::new();
         for (chunk, delivered) in remote {
             match delivered {
                 Some(replies) => {

@@ -141,7 +141,12 @@ async fn forward(
         return Ok(None);
     };
     let shard = shard_of(id);
-    match (forwarder.node().route(shard), hop) {
+    // A shard just handed over shows no owner here until the next round: read its row.
+    let route = match forwarder.node().route(shard) {
+        Route::Unavailable => forwarder.node().reroute(shard).await,
+        route => route,
+    };
+    match (route, hop) {
         (Route::Local, _) => Ok(None),
         (Route::Peer { url, .. }, Hop::Edge) => {
             let request = ForwardedDevice {
