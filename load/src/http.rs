@@ -14,6 +14,12 @@ use tokio::sync::Semaphore;
 
 use crate::stats::Stats;
 
+/// How many times a device sends a message Orchard answered 503: long enough to outlast
+/// a takeover (2 × the default 10 s lease).
+const DEVICE_ATTEMPTS: u32 = 10;
+/// The pause before sending it again (Orchard's Retry-After).
+const RETRY_AFTER: Duration = Duration::from_secs(2);
+
 /// How long a node that refused a connection stays out of rotation.
 const DOWN_FOR: Duration = Duration::from_secs(5);
 
@@ -109,9 +115,18 @@ impl Http {
                 .insert_header(("Content-Type", content_type))
                 .insert_header(identity.clone())
         };
-        self.send(endpoint, request, Some(body))
-            .await
-            .map(|(_, body)| body)
+        // A 503 asks the device to come back (Retry-After): it sends the same message
+        // again, as the MDM client does, a few times before giving up on the session.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.send(endpoint, request, Some(body.clone())).await {
+                Err(Failed(kind)) if kind == "status 503" && attempts < DEVICE_ATTEMPTS => {
+                    tokio::time::sleep(RETRY_AFTER).await;
+                }
+                answer => return answer.map(|(_, body)| body),
+            }
+        }
     }
 
     /// An admin API call with the API key; `json` bodies are sent as `application/json`.

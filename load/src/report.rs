@@ -122,6 +122,8 @@ impl Summary<'_> {
                 "victim_pid": failover.victim_pid,
                 "killed_at_s": failover.killed_at_s,
                 "commands_lost": failover.lost,
+                "commands_still_queued": failover.still_queued,
+                "answers_stored_reply_lost": failover.answer_reply_lost,
                 "commands_delivered_twice": failover.delivered_twice,
                 "unserved_s": failover.unserved_s,
             });
@@ -216,11 +218,14 @@ impl Summary<'_> {
         if let Some(failover) = &self.outcome.failover {
             let _ = writeln!(
                 out,
-                "failover: node pid {} killed {:.1} s in; commands lost {}, delivered twice {}; \
-                 requests refused for {:.2} s after the kill",
+                "failover: node pid {} killed {:.1} s in; commands lost {} (still queued {}, \
+                 answered but the reply lost {}), delivered twice {}; requests refused for \
+                 {:.2} s after the kill",
                 failover.victim_pid,
                 failover.killed_at_s,
                 failover.lost,
+                failover.still_queued,
+                failover.answer_reply_lost,
                 failover.delivered_twice,
                 failover.unserved_s
             );

@@ -46,9 +46,14 @@ pub struct Failover {
     pub victim_pid: u32,
     /// Seconds into the storm when the node was killed.
     pub killed_at_s: f64,
-    /// Commands the server acknowledged (enqueue answered `queued`) that never reached
-    /// their device before the deadline.
+    /// Commands the server acknowledged (enqueue answered `queued`) that it holds neither
+    /// as queued nor as answered at the end: gone.
     pub lost: usize,
+    /// Acknowledged commands not yet delivered at the deadline, still in their queue.
+    pub still_queued: usize,
+    /// Commands whose answer the server stored while the reply to the device was lost
+    /// (the device could not tell it was received).
+    pub answer_reply_lost: usize,
     /// Commands a device received again after acknowledging them.
     pub delivered_twice: u64,
     /// From the kill until the last failed request: how long some device or operator
@@ -320,16 +325,42 @@ async fn storm_with_a_kill(
         .enumerate()
         .map(|(i, device)| (&*device.udid, i))
         .collect();
-    let lost = loop {
-        let lost = taken
+    let unanswered = loop {
+        let unanswered: Vec<&(&str, String)> = taken
             .iter()
             .filter(|(udid, uuid)| !fleet.acknowledged(index[udid], uuid))
-            .count();
-        if lost == 0 || Deadline::now() >= deadline {
-            break lost;
+            .collect();
+        if unanswered.is_empty() || Deadline::now() >= deadline {
+            break unanswered;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    // What the server holds for each command no device confirmed: its result (the
+    // device's answer was stored, only the reply to it was lost with the node), still
+    // queued (it will be delivered at the device's next contact), or nothing: lost.
+    let (mut answered, mut queued, mut lost) = (0, 0, 0);
+    for (udid, uuid) in unanswered {
+        let path = format!("/api/v1/devices/{udid}/commands");
+        let commands = fleet
+            .http
+            .api("api:device-commands", Method::GET, &path, None)
+            .await;
+        let views: serde_json::Value = commands
+            .ok()
+            .and_then(|(_, body)| serde_json::from_slice(&body).ok())
+            .unwrap_or_default();
+        let status = views
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|view| view["command_uuid"] == uuid.as_str())
+            .map(|view| view["status"].as_str().unwrap_or_default().to_owned());
+        match status.as_deref() {
+            Some("Acknowledged" | "Error" | "NotNow") => answered += 1,
+            Some(_) => queued += 1,
+            None => lost += 1,
+        }
+    }
     let unserved = fleet
         .http
         .stats
@@ -339,6 +370,8 @@ async fn storm_with_a_kill(
         victim_pid: victim,
         killed_at_s: args.kill_after,
         lost,
+        still_queued: queued,
+        answer_reply_lost: answered,
         delivered_twice: fleet.answers.delivered_twice.get(),
         unserved_s: unserved,
     };
