@@ -4,8 +4,12 @@
 
 use std::sync::Arc;
 
+use std::collections::BTreeMap;
+
+use futures_util::future::join_all;
 use futures_util::{stream, StreamExt};
 
+use crate::cluster::Route;
 use crate::device::messages::{
     AssignSet, Assigned, Enqueue, GetPushTarget, InvalidatePushToken, PushDecision, SyncCommand,
     SyncDeclarations, WakeDue,
@@ -77,9 +81,55 @@ pub async fn enqueue(
     Ok(deliveries)
 }
 
-/// Push, then act on what APNs said about each token: a dead token is marked invalid on
-/// its enrollment so nothing pushes it again until the device's next TokenUpdate.
+/// Push every target from the node that owns its device (its APNs pools, its per-device
+/// backoff and coalescing); a target whose owner cannot be asked is pushed from here.
 pub async fn dispatch(
+    registry: &Arc<Registry>,
+    push: &dyn Push,
+    targets: &[PushTarget],
+) -> Vec<PushOutcome> {
+    let mut here = Vec::new();
+    let mut by_peer: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (index, target) in targets.iter().enumerate() {
+        match registry.route_of(&target.enrollment_id) {
+            Route::Peer { url, .. } => by_peer.entry(url).or_default().push(index),
+            Route::Local | Route::Unavailable => here.push(index),
+        }
+    }
+    let mut outcomes: Vec<Option<PushOutcome>> = targets.iter().map(|_| None).collect();
+    let asked = join_all(by_peer.iter().map(|(url, indices)| async move {
+        let theirs: Vec<PushTarget> = indices.iter().map(|&i| targets[i].clone()).collect();
+        (indices, registry.push_at(url, &theirs).await)
+    }))
+    .await;
+    for (indices, answered) in asked {
+        match answered {
+            Some(answers) => {
+                for (&index, outcome) in indices.iter().zip(answers) {
+                    outcomes[index] = Some(outcome);
+                }
+            }
+            None => here.extend_from_slice(indices),
+        }
+    }
+    let ours: Vec<PushTarget> = here.iter().map(|&i| targets[i].clone()).collect();
+    for (index, outcome) in here.into_iter().zip(push_here(registry, push, &ours).await) {
+        outcomes[index] = Some(outcome);
+    }
+    outcomes
+        .into_iter()
+        .map(|outcome| {
+            outcome.unwrap_or(PushOutcome::Failed {
+                reason: "not pushed".into(),
+            })
+        })
+        .collect()
+}
+
+/// Push from this node, then act on what APNs said about each token: a dead token is
+/// marked invalid on its enrollment so nothing pushes it again until the device's next
+/// TokenUpdate.
+pub async fn push_here(
     registry: &Arc<Registry>,
     push: &dyn Push,
     targets: &[PushTarget],

@@ -401,30 +401,48 @@ async fn identity_ca_push_certificates_and_the_catalog_are_the_same_on_every_nod
     // One identity CA: the first node's, adopted by the others.
     let ca_of = |node: &Server| std::fs::read(node.data_dir.join("identity-ca.pem")).unwrap();
     assert!(nodes.iter().all(|node| ca_of(node) == ca_of(&nodes[0])));
-    // A device whose identity came from the third node enrolls through the first.
-    let device = Device::new(&nodes[2], "CA0CA0CA-0000-4000-8000-000000000001");
+    // Devices whose identities came from the third node enroll through the first.
+    let devices = fleet(&nodes[2], 12);
     upload_this_push_cert(&nodes[0], &old_cert).await;
-    device.enroll(&nodes[0]).await;
-
-    // A certificate replaced through one node is the one every node pushes with.
-    let push_through = async |node: &Server| {
-        let path = format!("/api/v1/nanomdm/push/{}", device.udid);
-        api_get(node, &path).await.1
-    };
-    let refused = push_through(&nodes[1]).await;
-    assert!(
-        refused["status"][&device.udid]["push_error"].is_string(),
-        "{refused}"
+    for device in &devices {
+        device.enroll(&nodes[0]).await;
+    }
+    let mut owners = std::collections::BTreeSet::new();
+    for device in &devices {
+        owners.insert(owner_seen_by(&nodes[0], device).await);
+    }
+    assert_eq!(
+        owners.len(),
+        3,
+        "the devices live on every node: {owners:?}"
     );
+    let device = &devices[0];
+
+    // A certificate replaced through one node is the one every owner pushes with: each
+    // device is pushed by its owner, whichever node took the call.
+    let ids: Vec<&str> = devices.iter().map(|d| d.udid.as_str()).collect();
+    let path = format!("/api/v1/nanomdm/push/{}", ids.join(","));
+    let pushed = async |field: &str| {
+        let (_, answer) = api_get(&nodes[1], &path).await;
+        ids.iter()
+            .all(|id| answer["status"][*id][field].is_string())
+    };
+    assert!(pushed("push_error").await, "the old certificate is refused");
     upload_this_push_cert(&nodes[0], &new_cert).await;
-    for node in &nodes[1..] {
-        let took = within(
-            Duration::from_secs(2),
-            "the new push certificate",
-            async || push_through(node).await["status"][&device.udid]["push_result"].is_string(),
-        )
-        .await;
-        eprintln!("new push certificate used by another node after {took:?}");
+    let took = within(
+        Duration::from_secs(2),
+        "the new push certificate",
+        async || pushed("push_result").await,
+    )
+    .await;
+    eprintln!("new push certificate used by every owner after {took:?}");
+    for node in [&nodes[0], &nodes[2]] {
+        let metrics = metrics_text(node).await;
+        assert!(
+            metrics.lines().any(|l| l
+                .starts_with("orchard_forwarded_requests_received_total{route=\"push\"}")),
+            "owners push their own devices"
+        );
     }
 
     // The catalog: published through one node, served to the device through another,
@@ -444,7 +462,7 @@ async fn identity_ca_push_certificates_and_the_catalog_are_the_same_on_every_nod
     let assign = format!("/api/v1/ddm/enrollment-sets/{}?set=cluster", device.udid);
     assert_eq!(api_put(&nodes[2], &assign, Vec::new()).await.0, 204);
     let tokens = async |node: &Server| {
-        let answer = ddm(node, &device, "tokens", None).await.2;
+        let answer = ddm(node, device, "tokens", None).await.2;
         answer["SyncTokens"]["DeclarationsToken"].clone()
     };
     let before = tokens(&nodes[0]).await;
@@ -462,7 +480,7 @@ async fn identity_ca_push_certificates_and_the_catalog_are_the_same_on_every_nod
     let path = "declaration/configuration/cluster.config";
     let mut bodies = Vec::new();
     for node in &nodes {
-        bodies.push(ddm(node, &device, path, None).await.2);
+        bodies.push(ddm(node, device, path, None).await.2);
     }
     assert_eq!(bodies[0]["Payload"]["Echo"], "two");
     assert!(bodies.iter().all(|body| *body == bodies[0]), "{bodies:?}");

@@ -27,7 +27,7 @@ use super::messages::{
 };
 use super::{DeviceActor, DeviceError, Registry};
 use crate::cluster::{shard_of, Route, ShardId};
-use crate::push::PushTarget;
+use crate::push::{PushOutcome, PushTarget};
 
 /// How many device actors one call talks to at once on this node.
 pub const FAN_OUT: usize = 512;
@@ -48,6 +48,10 @@ pub trait Peers: Send + Sync {
 
     /// Send one batch to the actors of the node at `url`; answers the reply body.
     async fn deliver(&self, url: &str, kind: &'static str, batch: Bytes) -> Result<Bytes, String>;
+
+    /// Ask the node at `url` to push these targets (JSON), its own devices; answers the
+    /// outcomes (JSON).
+    async fn push(&self, url: &str, targets: Bytes) -> Result<Bytes, String>;
 }
 
 /// A message an actor on another node can answer.
@@ -132,6 +136,30 @@ impl Registry {
                     .map(|a| a.unwrap_or(Err(DeviceError::NotLocal))),
             )
             .collect()
+    }
+
+    /// Where `id`'s actor runs, as last seen (here, on a single node).
+    pub fn route_of(&self, id: &str) -> Route {
+        self.peers
+            .get()
+            .map_or(Route::Local, |peers| peers.route(shard_of(id)))
+    }
+
+    /// Have the node at `url` push `targets` (devices it owns) with its own APNs pools;
+    /// their outcomes in order, or `None` when it could not be asked.
+    pub async fn push_at(&self, url: &str, targets: &[PushTarget]) -> Option<Vec<PushOutcome>> {
+        let peers = self.peers.get()?;
+        let body = serde_json::to_vec(targets).ok()?;
+        let reply = match peers.push(url, Bytes::from(body)).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                tracing::warn!(peer = url, error = %e, "peer did not take a push batch");
+                return None;
+            }
+        };
+        serde_json::from_slice::<Vec<PushOutcome>>(&reply)
+            .ok()
+            .filter(|outcomes| outcomes.len() == targets.len())
     }
 
     /// The same as `call_all`, for one id.

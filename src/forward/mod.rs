@@ -231,21 +231,36 @@ impl Peers for Forwarder {
     }
 
     async fn deliver(&self, url: &str, kind: &'static str, batch: Bytes) -> Result<Bytes, String> {
-        let path = actors_path(kind);
-        let response = self
-            .send(
-                url,
-                Outgoing {
-                    method: http::Method::POST,
-                    path_and_query: &path,
-                    fingerprint: None,
-                    content_type: Some("application/json"),
-                    body: batch,
-                    route: "actors",
-                },
-            )
+        self.post_json(url, &actors_path(kind), "actors", batch)
             .await
-            .map_err(|e| e.to_string())?;
+    }
+
+    async fn push(&self, url: &str, targets: Bytes) -> Result<Bytes, String> {
+        self.post_json(url, PUSH_PATH, "push", targets).await
+    }
+}
+
+/// The internal route that pushes a node's own devices.
+pub const PUSH_PATH: &str = "/internal/push";
+
+impl Forwarder {
+    /// POST a JSON body to a peer; its body when it answered 200.
+    async fn post_json(
+        &self,
+        url: &str,
+        path: &str,
+        route: &'static str,
+        body: Bytes,
+    ) -> Result<Bytes, String> {
+        let outgoing = Outgoing {
+            method: http::Method::POST,
+            path_and_query: path,
+            fingerprint: None,
+            content_type: Some("application/json"),
+            body,
+            route,
+        };
+        let response = self.send(url, outgoing).await.map_err(|e| e.to_string())?;
         match response.status {
             200 => Ok(response.body),
             status => Err(format!(

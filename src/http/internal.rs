@@ -17,9 +17,11 @@ use super::device::{self, DeviceEndpoint, Hop};
 use super::rejection::Rejection;
 use super::AppState;
 use crate::cluster::{Route, ShardId};
+use crate::commands;
 use crate::device::{answer_batch, BatchError, DeviceError};
 use crate::forward::{Forwarder, Outgoing, Signed, FINGERPRINT_HEADER, SIGNATURE_HEADER};
 use crate::identity::CertFingerprint;
+use crate::push::PushTarget;
 
 /// The largest body a peer may send: a batch of 2,000 ids and one command body.
 const PEER_BODY_LIMIT: usize = 64 << 20;
@@ -30,6 +32,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/device/checkin", web::put().to(device_checkin))
             .route("/device/connect", web::put().to(device_connect))
             .route("/actors/{kind}", web::post().to(actors))
+            .route("/push", web::post().to(push))
             .default_service(web::to(unknown_route)),
     );
 }
@@ -185,12 +188,18 @@ fn verify_peer(
     Ok(fingerprint)
 }
 
-async fn peer_body(
+/// The body of a peer's request, once its signature is checked; with the device
+/// identity it vouches for. `route` labels the count of requests taken from peers.
+async fn signed_body(
     req: &HttpRequest,
     payload: web::Payload,
     state: &AppState,
-) -> Result<web::Bytes, Rejection> {
-    read_limited(req, payload, PEER_BODY_LIMIT, state.settings.body_timeout).await
+    route: &'static str,
+) -> Result<(web::Bytes, Option<CertFingerprint>), Rejection> {
+    let body = read_limited(req, payload, PEER_BODY_LIMIT, state.settings.body_timeout).await?;
+    let fingerprint = verify_peer(req, &body, state)?;
+    metrics::counter!("orchard_forwarded_requests_received_total", "route" => route).increment(1);
+    Ok((body, fingerprint))
 }
 
 async fn device_request(
@@ -199,16 +208,14 @@ async fn device_request(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Rejection> {
-    let body = peer_body(&req, payload, &state).await?;
-    let fingerprint = verify_peer(&req, &body, &state)?.ok_or_else(|| {
+    let (body, fingerprint) = signed_body(&req, payload, &state, "device").await?;
+    let fingerprint = fingerprint.ok_or_else(|| {
         Rejection::api(
             StatusCode::BAD_REQUEST,
             "missing_fingerprint",
             "a forwarded device request names the identity the sending node verified",
         )
     })?;
-    metrics::counter!("orchard_forwarded_requests_received_total", "route" => "device")
-        .increment(1);
     device::serve(endpoint, fingerprint, body, &state, Hop::Owner).await
 }
 
@@ -237,10 +244,7 @@ async fn actors(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Rejection> {
-    let body = peer_body(&req, payload, &state).await?;
-    verify_peer(&req, &body, &state)?;
-    metrics::counter!("orchard_forwarded_requests_received_total", "route" => "actors")
-        .increment(1);
+    let (body, _) = signed_body(&req, payload, &state, "actors").await?;
     match answer_batch(&state.registry, &kind, &body).await {
         Ok(answers) => Ok(HttpResponse::Ok()
             .content_type("application/json")
@@ -258,14 +262,31 @@ async fn actors(
     }
 }
 
+/// `POST /internal/push`: push these targets, devices of this node, from this node.
+async fn push(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    let (body, _) = signed_body(&req, payload, &state, "push").await?;
+    let targets: Vec<PushTarget> = serde_json::from_slice(&body).map_err(|e| {
+        Rejection::api(
+            StatusCode::BAD_REQUEST,
+            "malformed_push_batch",
+            e.to_string(),
+        )
+    })?;
+    let outcomes = commands::push_here(&state.registry, &*state.push, &targets).await;
+    Ok(HttpResponse::Ok().json(outcomes))
+}
+
 /// Any other `/internal/` path: refused without the signature, unknown with it.
 async fn unknown_route(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Rejection> {
-    let body = peer_body(&req, payload, &state).await?;
-    verify_peer(&req, &body, &state)?;
+    signed_body(&req, payload, &state, "unknown").await?;
     Err(Rejection::api(
         StatusCode::NOT_FOUND,
         "unknown_route",

@@ -17,7 +17,7 @@ pub struct PushTarget {
 }
 
 /// What happened to one push.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum PushOutcome {
     /// APNs accepted it; delivery is best effort from here.
     Sent { apns_id: String },
