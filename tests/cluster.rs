@@ -591,3 +591,49 @@ async fn a_command_storm_loses_nothing_when_an_owner_is_killed_and_a_node_joins(
         );
     }
 }
+
+/// Start `orchard serve` on `store` without `--api-key` and read the key it prints.
+fn printed_api_key(store: &StoreUnderTest, data_dir: &std::path::Path) -> String {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_orchard"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--cluster-secret",
+            SECRET,
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(store.args())
+        .env("ORCHARD_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let key = std::io::BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map(Result::unwrap)
+        .find(|line| line.starts_with("API key ("))
+        .and_then(|line| line.rsplit(' ').next().map(str::to_string));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    key.expect("the node prints its API key")
+}
+
+#[test]
+fn the_generated_api_key_is_the_same_on_every_node_of_a_keyspace() {
+    let Some(cql) = cql::server() else {
+        cql::skip("Orchard cluster");
+        return;
+    };
+    let store = StoreUnderTest::Cql {
+        nodes: vec![cql],
+        keyspace: cql::fresh_keyspace(),
+    };
+    let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let key = printed_api_key(&store, first.path());
+    assert_eq!(printed_api_key(&store, second.path()), key);
+    let kept = std::fs::read_to_string(second.path().join("api-key")).unwrap();
+    assert_eq!(kept.trim(), key, "kept in the second node's data dir too");
+}

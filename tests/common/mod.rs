@@ -78,7 +78,7 @@ impl StoreUnderTest {
         }
     }
 
-    fn args(&self) -> Vec<String> {
+    pub fn args(&self) -> Vec<String> {
         match self {
             StoreUnderTest::Embedded => Vec::new(),
             StoreUnderTest::Cql { nodes, keyspace } => vec![
