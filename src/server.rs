@@ -299,7 +299,17 @@ fn cluster_settings(
         .advertise_url
         .clone()
         .unwrap_or_else(|| format!("http://{listening_on}"));
-    PeerUrl::parse(&advertise_url).map_err(|e| fail("--advertise-url", e))?;
+    let peer = PeerUrl::parse(&advertise_url).map_err(|e| fail("--advertise-url", e))?;
+    if peer
+        .host
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_unspecified())
+    {
+        return Err(StartupError(format!(
+            "cluster mode: the other nodes cannot reach {advertise_url}; \
+             set --advertise-url to this node's address"
+        )));
+    }
     Ok(ClusterSettings {
         node_id,
         advertise_url,

@@ -637,3 +637,27 @@ fn the_generated_api_key_is_the_same_on_every_node_of_a_keyspace() {
     let kept = std::fs::read_to_string(second.path().join("api-key")).unwrap();
     assert_eq!(kept.trim(), key, "kept in the second node's data dir too");
 }
+
+#[test]
+fn a_node_that_would_advertise_an_unspecified_address_refuses_to_start() {
+    let Some(cql) = cql::server() else {
+        cql::skip("Orchard cluster");
+        return;
+    };
+    let store = StoreUnderTest::Cql {
+        nodes: vec![cql],
+        keyspace: cql::fresh_keyspace(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_orchard"))
+        .args(["serve", "--listen", "0.0.0.0:0", "--cluster-secret", SECRET])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(store.args())
+        .env("ORCHARD_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--advertise-url"), "{stderr}");
+}
