@@ -96,6 +96,10 @@ pub async fn dispatch(
             Route::Local | Route::Unavailable => here.push(index),
         }
     }
+    if by_peer.is_empty() {
+        // One node, or every target owned here: no copies, no bookkeeping.
+        return push_here(registry, push, targets).await;
+    }
     let mut outcomes: Vec<Option<PushOutcome>> = targets.iter().map(|_| None).collect();
     let asked = join_all(by_peer.iter().map(|(url, indices)| async move {
         let theirs: Vec<PushTarget> = indices.iter().map(|&i| targets[i].clone()).collect();

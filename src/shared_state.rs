@@ -6,7 +6,7 @@
 //! versions each second and, on a change, reads the catalog again (cached manifests
 //! dropped) or reconnects the topics whose certificate changed. A change through one
 //! node is therefore in effect on all of them within about a second (contract §4: 2 s).
-//! Catalog writes also check the version first (`Catalog::refresh`), so a change made
+//! Catalog writes also check the version first, so a change made
 //! through one node is never computed against an older catalog on another.
 
 use std::collections::HashMap;
@@ -15,29 +15,28 @@ use std::time::Duration;
 
 use crate::ddm::catalog::Catalog;
 use crate::push::Push;
-use crate::store::{SharedVersions, Store};
+use crate::store::Store;
 
 /// How often the versions are read.
 const POLL: Duration = Duration::from_secs(1);
 
-/// Poll forever; starts from the versions as they are now.
+/// Poll forever. The catalog compares the version with the one it was read at; the push
+/// certificates are compared with the version seen on the previous poll.
 pub async fn follow(store: Arc<dyn Store>, catalog: Arc<Catalog>, push: Arc<dyn Push>) {
-    let mut seen: Option<SharedVersions> = None;
+    let mut push_certs_seen: Option<Vec<u8>> = None;
     let mut certificates: HashMap<String, String> = HashMap::new();
     loop {
         match store.shared_versions().await {
             Ok(now) => {
-                if let Some(before) = &seen {
-                    if before.catalog != now.catalog {
-                        refresh_catalog(&catalog).await;
-                    }
-                    if before.push_certs != now.push_certs {
+                refresh_catalog(&catalog, now.catalog).await;
+                match &push_certs_seen {
+                    Some(seen) if *seen != now.push_certs => {
                         reconnect_changed_topics(&*store, &*push, &mut certificates).await;
                     }
-                } else {
-                    remember_certificates(&*store, &mut certificates).await;
+                    Some(_) => {}
+                    None => remember_certificates(&*store, &mut certificates).await,
                 }
-                seen = Some(now);
+                push_certs_seen = Some(now.push_certs);
             }
             Err(e) => tracing::warn!(error = %e, "cannot read the shared-state versions"),
         }
@@ -45,8 +44,8 @@ pub async fn follow(store: Arc<dyn Store>, catalog: Arc<Catalog>, push: Arc<dyn 
     }
 }
 
-async fn refresh_catalog(catalog: &Catalog) {
-    match catalog.refresh().await {
+async fn refresh_catalog(catalog: &Catalog, version: Vec<u8>) {
+    match catalog.refresh_to(version).await {
         Ok(false) => {}
         Ok(true) => {
             metrics::counter!("orchard_shared_state_reloads_total", "kind" => "catalog")

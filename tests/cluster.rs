@@ -232,6 +232,23 @@ fn fleet(node: &Server, count: usize) -> Vec<Device> {
         .collect()
 }
 
+/// Enroll `devices` through `enroll_via` and check, asking `ask`, that their shards put
+/// them on every one of three nodes.
+async fn enroll_across_three_nodes(devices: &[Device], enroll_via: &Server, ask: &Server) {
+    for device in devices {
+        device.enroll(enroll_via).await;
+    }
+    let mut owners = std::collections::BTreeSet::new();
+    for device in devices {
+        owners.insert(owner_seen_by(ask, device).await);
+    }
+    assert_eq!(
+        owners.len(),
+        3,
+        "the devices live on every node: {owners:?}"
+    );
+}
+
 #[actix_rt::test]
 async fn any_node_answers_for_any_device_through_its_owner() {
     let Some(nodes) = cluster_of(&["node-a", "node-b", "node-c"], &[]) else {
@@ -243,18 +260,7 @@ async fn any_node_answers_for_any_device_through_its_owner() {
         upload_push_cert(node).await;
     }
     let devices = fleet(&nodes[0], 12);
-    for device in &devices {
-        device.enroll(&nodes[0]).await;
-    }
-    let mut owners = std::collections::BTreeSet::new();
-    for device in &devices {
-        owners.insert(owner_seen_by(&nodes[1], device).await);
-    }
-    assert_eq!(
-        owners.len(),
-        3,
-        "the devices live on every node: {owners:?}"
-    );
+    enroll_across_three_nodes(&devices, &nodes[0], &nodes[1]).await;
 
     // One enqueue naming every device, through the third node: split by owner, one
     // answer in NanoHUB's shape.
@@ -404,18 +410,7 @@ async fn identity_ca_push_certificates_and_the_catalog_are_the_same_on_every_nod
     // Devices whose identities came from the third node enroll through the first.
     let devices = fleet(&nodes[2], 12);
     upload_this_push_cert(&nodes[0], &old_cert).await;
-    for device in &devices {
-        device.enroll(&nodes[0]).await;
-    }
-    let mut owners = std::collections::BTreeSet::new();
-    for device in &devices {
-        owners.insert(owner_seen_by(&nodes[0], device).await);
-    }
-    assert_eq!(
-        owners.len(),
-        3,
-        "the devices live on every node: {owners:?}"
-    );
+    enroll_across_three_nodes(&devices, &nodes[0], &nodes[0]).await;
     let device = &devices[0];
 
     // A certificate replaced through one node is the one every owner pushes with: each

@@ -10,6 +10,7 @@
 # openssl, curl, python3.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. load/wrk/device.sh
 cql=${1:?usage: forwarded-idle.sh CQL_HOST:PORT [DURATION_SECONDS]}
 duration=${2:-15}
 udid=66ADE930-5FDF-5EC4-8429-15640684C489
@@ -33,34 +34,13 @@ for _ in $(seq 300); do
   sleep 0.2
 done
 
-# A device identity issued by the cluster's CA (every node's data dir holds it).
-openssl ecparam -name prime256v1 -genkey -noout -out "$work/device.key" 2>/dev/null
-openssl req -new -key "$work/device.key" -subj "/CN=$udid" -out "$work/device.csr"
-printf 'extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature\n' >"$work/ext.cnf"
-openssl x509 -req -in "$work/device.csr" -CA "$work/data-0/identity-ca.pem" -CAkey "$work/data-0/identity-ca.key" \
-  -CAcreateserial -days 30 -extfile "$work/ext.cnf" -outform DER -out "$work/device.der" 2>/dev/null
-cert_header=":$(base64 -w0 "$work/device.der"):"
-for message in Authenticate.2 TokenUpdate.2; do
-  curl -fs -X PUT -H 'Content-Type: application/x-apple-aspen-mdm-checkin' -H "X-Client-Cert: $cert_header" \
-    --data-binary "@tests/fixtures/nanomdm/$message.plist" "http://127.0.0.1:9210/mdm"
-done
+# A device identity issued by the cluster's own CA, enrolled, and its Idle connect.
+cert_header=$(issue_identity "$work/data-0" "$work" "$udid")
+enroll "http://127.0.0.1:9210" "$cert_header"
 owner=$(curl -fs -H 'Authorization: Bearer bench' "http://127.0.0.1:9210/api/v1/devices/$udid" |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["owner"][-1])')
 other=$((1 - owner))
-
-idle="<?xml version=\"1.0\" encoding=\"UTF-8\"?><plist version=\"1.0\"><dict><key>Status</key><string>Idle</string><key>UDID</key><string>$udid</string></dict></plist>"
-cat >"$work/idle.lua" <<LUA
-wrk.method = "PUT"
-wrk.body = '$idle'
-wrk.headers["Content-Type"] = "application/x-apple-aspen-mdm"
-wrk.headers["X-Client-Cert"] = "$cert_header"
-function response(status, headers, body)
-  if status ~= 200 then
-    io.stderr:write("unexpected status " .. status .. "\n")
-    os.exit(1)
-  end
-end
-LUA
+write_idle_lua "$work/idle.lua" "$udid" "$cert_header"
 
 for round in 1 2; do
   for target in "$owner:the owner" "$other:a forwarding node"; do

@@ -139,19 +139,24 @@ impl Catalog {
         })
     }
 
-    /// Take in changes another node made, if the store's catalog version says there are
-    /// any: read the whole catalog again and drop the manifests cached per set
-    /// combination. Manifests cached by token stay: a token names one content, so what a
-    /// device was shown can still be served. Answers whether it reloaded.
-    pub async fn refresh(&self) -> Result<bool, CatalogError> {
+    /// Take in changes another node made, if the store's catalog `version` (as the
+    /// caller just read it) differs from the one this catalog was read at: read the whole
+    /// catalog again and drop the manifests cached per set combination. Manifests cached
+    /// by token stay: a token names one content, so what a device was shown can still be
+    /// served. Answers whether it reloaded.
+    pub async fn refresh_to(&self, version: Vec<u8>) -> Result<bool, CatalogError> {
         let _writing = self.writer.lock().await;
-        self.refresh_locked().await
+        self.reload_unless_at(version).await
     }
 
-    /// [`Catalog::refresh`] for a writer already holding the lock: every change is
-    /// computed against the catalog as the store holds it, wherever it was last changed.
+    /// For a writer already holding the lock: every change is computed against the
+    /// catalog as the store holds it, wherever it was last changed.
     async fn refresh_locked(&self) -> Result<bool, CatalogError> {
         let version = self.store.shared_versions().await?.catalog;
+        self.reload_unless_at(version).await
+    }
+
+    async fn reload_unless_at(&self, version: Vec<u8>) -> Result<bool, CatalogError> {
         if *self.version.lock() == version {
             return Ok(false);
         }
