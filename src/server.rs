@@ -141,8 +141,11 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
             Some(node) => Some(join_cluster(node.clone(), registry.clone()).await?),
             None => None,
         };
-        let walk = Arc::clone(&registry);
-        actix_web::rt::spawn(async move { walk.tally().rebuild(&**walk.store()).await });
+        if membership.is_none() {
+            registry.tally().take_all();
+        }
+        let recount = Arc::clone(&registry);
+        actix_web::rt::spawn(async move { recount.tally().recount(&**recount.store()).await });
         let mut state = AppState::new(
             http_settings,
             Arc::clone(&store),

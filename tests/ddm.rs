@@ -721,3 +721,81 @@ async fn fleet_tallies_equal_a_full_recount_under_concurrent_syncs_and_after_a_r
     assert_eq!(declarations, expected_declarations);
     assert_eq!(diagnosis["rules"], expected_rules);
 }
+
+/// Each cluster node counts the shards it runs; every node's fleet views are the sum over
+/// all of them, equal to a full recount of the store while devices sync through every
+/// node, and again after a node is killed and the others recount the shards they took.
+/// Needs `ORCHARD_TEST_CQL`.
+#[actix_rt::test]
+async fn fleet_tallies_summed_over_cluster_nodes_equal_a_full_recount() {
+    use common::cluster::{cluster_with, settled, LEASE};
+    let stall_after = 1;
+    let names = ["node-a", "node-b", "node-c"];
+    let flags = ["--ddm-stall-after", "1", "--actor-idle-secs", "1"];
+    let Some(mut nodes) = cluster_with(&names, &[], &flags) else {
+        return;
+    };
+    settled(&nodes[0], &names, LEASE * 4).await;
+    let devices: Vec<Device> = (0..24)
+        .map(|n| Device::new(&nodes[0], &format!("FLEET-{n:02}")))
+        .collect();
+    let via = |n: usize| &nodes[n % 3];
+    futures_util::future::join_all(devices.iter().enumerate().map(|(n, d)| d.enroll(via(n)))).await;
+    publish(&nodes[0]).await;
+    let path = format!("/api/v1/ddm/set-declarations/dangling?declaration={ACTIVATION}");
+    assert_eq!(api(&nodes[1], "PUT", &path, None).await.0, 204);
+    let (defaults, danglings) = devices.split_at(18);
+    for (set, group) in [("default", defaults), ("dangling", &danglings[..4])] {
+        let ids: Vec<&str> = group.iter().map(|d| d.udid.as_str()).collect();
+        let body = json!({"set": set, "enrollments": ids});
+        let (status, _) = api(&nodes[2], "POST", "/api/v1/ddm/assignments", Some(body)).await;
+        assert_eq!(status, 200);
+    }
+    futures_util::future::join_all(
+        defaults
+            .iter()
+            .enumerate()
+            .map(|(n, device)| sync_partly(via(n + 1), device, n % 4)),
+    )
+    .await;
+    let revision = Some(test_config("v2"));
+    let (status, _) = api(&nodes[1], "PUT", "/api/v1/ddm/declarations", revision).await;
+    assert_eq!(status, 204);
+    // Every actor passivates (and writes its timeline) after a second idle.
+    actix_rt::time::sleep(Duration::from_millis(2500)).await;
+
+    let (declarations, diagnosis) = fleet_views(&nodes[0]).await;
+    assert_eq!(diagnosis["enrollments"], 24);
+    let (expected_declarations, expected_rules) =
+        recount(&nodes[0], stall_after, as_of(&diagnosis)).await;
+    assert_eq!(declarations, expected_declarations);
+    assert_eq!(diagnosis["rules"], expected_rules);
+    for node in &nodes[1..] {
+        let (other_declarations, other_diagnosis) = fleet_views(node).await;
+        assert_eq!(other_declarations, declarations);
+        assert_eq!(other_diagnosis["rules"], diagnosis["rules"]);
+    }
+
+    // node-c dies; the others take its shards, recount them, and keep counting as the
+    // devices it ran sync again through them.
+    nodes[2].kill9();
+    settled(&nodes[0], &names[..2], LEASE * 4).await;
+    futures_util::future::join_all(
+        defaults
+            .iter()
+            .enumerate()
+            .map(|(n, device)| sync_partly(&nodes[n % 2], device, (n + 1) % 4)),
+    )
+    .await;
+    actix_rt::time::sleep(Duration::from_millis(2500)).await;
+    let (declarations, diagnosis) = fleet_views(&nodes[1]).await;
+    assert_eq!(diagnosis["enrollments"], 24);
+    assert_eq!(fleet_views(&nodes[0]).await.0, declarations);
+    for node in &mut nodes {
+        node.kill9();
+    }
+    let (expected_declarations, expected_rules) =
+        recount(&nodes[0], stall_after, as_of(&diagnosis)).await;
+    assert_eq!(declarations, expected_declarations);
+    assert_eq!(diagnosis["rules"], expected_rules);
+}

@@ -33,6 +33,9 @@ pub trait ShardHost: Send + Sync {
 
     /// Stop the actors of `shards` without writing: another node owns them now.
     fn abandon(&self, shards: &HashSet<ShardId>);
+
+    /// `shards` are this node's from now on; called before any of their actors may start.
+    fn take(&self, shards: &HashSet<ShardId>);
 }
 
 #[derive(Clone, Debug)]
@@ -479,26 +482,30 @@ impl ClusterNode {
         };
         let targets: Vec<ShardRow> = claims.iter().map(|claim| claim.to.clone()).collect();
         let outcomes = self.directory.move_shards(claims).await;
-        let mut taken = HashSet::new();
+        let mut won_rows = Vec::new();
         for (to, won) in targets.into_iter().zip(outcomes) {
             match won {
-                Ok(true) => {
-                    taken.insert(to.shard);
-                    let mut view = self.write();
-                    view.mine.insert(to.shard, to.epoch);
-                    let index = to.shard.0 as usize;
-                    view.shards[index] = Some(to);
-                }
+                Ok(true) => won_rows.push(to),
                 Ok(false) => counter!("orchard_cluster_claims_lost_total").increment(1),
                 Err(e) => tracing::debug!(error = %e, shard = to.shard.0, "shard claim failed"),
             }
         }
-        if !taken.is_empty() {
-            // Actors left from an earlier ownership of these shards hold stale memory.
-            host.abandon(&taken);
-            counter!("orchard_cluster_takeovers_total").increment(taken.len() as u64);
-            tracing::info!(shards = taken.len(), "took shards");
+        if won_rows.is_empty() {
+            return;
         }
+        let taken: HashSet<ShardId> = won_rows.iter().map(|row| row.shard).collect();
+        // Actors left from an earlier ownership of these shards hold stale memory; the
+        // host learns of the new ones before any request for them is admitted.
+        host.abandon(&taken);
+        host.take(&taken);
+        let mut view = self.write();
+        for to in won_rows {
+            view.mine.insert(to.shard, to.epoch);
+            let index = to.shard.0 as usize;
+            view.shards[index] = Some(to);
+        }
+        counter!("orchard_cluster_takeovers_total").increment(taken.len() as u64);
+        tracing::info!(shards = taken.len(), "took shards");
     }
 
     /// Stop admitting requests for `shards`, flush their actors, then free them.

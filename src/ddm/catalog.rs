@@ -149,6 +149,13 @@ impl Catalog {
         self.reload_unless_at(version).await
     }
 
+    /// Take in every change the store holds now, without waiting for the next poll: the
+    /// nodes answering one fleet view each evaluate their counts against the same catalog.
+    pub async fn catch_up(&self) -> Result<bool, CatalogError> {
+        let _writing = self.writer.lock().await;
+        self.refresh_locked().await
+    }
+
     /// For a writer already holding the lock: every change is computed against the
     /// catalog as the store holds it, wherever it was last changed.
     async fn refresh_locked(&self) -> Result<bool, CatalogError> {

@@ -207,29 +207,63 @@ impl FleetCounts {
     /// Count one more enrollment with `facts`; the shared copy is returned so that
     /// holders of the same facts share one allocation.
     pub fn add(&mut self, facts: &FleetFacts) -> Arc<FleetFacts> {
-        self.enrollments += 1;
+        self.add_many(facts, 1)
+    }
+
+    /// Count `n` more enrollments with `facts` (a shard's counts joining the total).
+    pub fn add_many(&mut self, facts: &FleetFacts, n: u64) -> Arc<FleetFacts> {
+        self.insert(facts, n, || Arc::new(facts.clone()))
+    }
+
+    /// Count `n` more enrollments with `facts`, keeping this copy if the value is new here
+    /// (a shard's counts hold the copies of the node's total).
+    pub fn add_shared(&mut self, facts: &Arc<FleetFacts>, n: u64) -> Arc<FleetFacts> {
+        self.insert(facts, n, || Arc::clone(facts))
+    }
+
+    fn insert(
+        &mut self,
+        facts: &FleetFacts,
+        n: u64,
+        copy: impl FnOnce() -> Arc<FleetFacts>,
+    ) -> Arc<FleetFacts> {
+        self.enrollments += n;
         if let Some((shared, count)) = self.classes.get_key_value(facts) {
             let shared = Arc::clone(shared);
-            *self.classes.get_mut(facts).expect("present") = count + 1;
+            *self.classes.get_mut(facts).expect("present") = count + n;
             return shared;
         }
-        let shared = Arc::new(facts.clone());
-        self.classes.insert(Arc::clone(&shared), 1);
+        let shared = copy();
+        self.classes.insert(Arc::clone(&shared), n);
         shared
     }
 
     /// Count one enrollment with `facts` less. Returns false (and changes nothing) when no
     /// enrollment is counted with them, which would be a bookkeeping bug.
     pub fn remove(&mut self, facts: &FleetFacts) -> bool {
+        self.remove_many(facts, 1)
+    }
+
+    /// Count `n` enrollments with `facts` less (a shard's counts leaving the total);
+    /// false, changing nothing, when fewer are counted.
+    pub fn remove_many(&mut self, facts: &FleetFacts, n: u64) -> bool {
         let Some(count) = self.classes.get_mut(facts) else {
             return false;
         };
-        *count -= 1;
+        if *count < n {
+            return false;
+        }
+        *count -= n;
         if *count == 0 {
             self.classes.remove(facts);
         }
-        self.enrollments -= 1;
+        self.enrollments -= n;
         true
+    }
+
+    /// Every distinct facts value counted, with how many share it.
+    pub fn classes(&self) -> impl Iterator<Item = (&Arc<FleetFacts>, u64)> {
+        self.classes.iter().map(|(facts, &n)| (facts, n))
     }
 
     /// Enrollments counted.

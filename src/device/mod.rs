@@ -337,6 +337,11 @@ impl ShardHost for Registry {
             self.slots.remove(&id);
             addr.do_send(messages::Abandon);
         }
+        self.tally.release(shards);
+    }
+
+    fn take(&self, shards: &HashSet<ShardId>) {
+        self.tally.take(shards.iter().copied());
     }
 }
 

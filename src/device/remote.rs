@@ -52,6 +52,13 @@ pub trait Peers: Send + Sync {
     /// Ask the node at `url` to push these targets (JSON), its own devices; answers the
     /// outcomes (JSON).
     async fn push(&self, url: &str, targets: Bytes) -> Result<Bytes, String>;
+
+    /// The advertised URLs of the other live nodes.
+    fn other_nodes(&self) -> Vec<String>;
+
+    /// Ask the node at `url` for its part of a fleet view (JSON `FleetView`); answers its
+    /// `FleetShare` (JSON).
+    async fn fleet_part(&self, url: &str, view: Bytes) -> Result<Bytes, String>;
 }
 
 /// A message an actor on another node can answer.

@@ -238,10 +238,26 @@ impl Peers for Forwarder {
     async fn push(&self, url: &str, targets: Bytes) -> Result<Bytes, String> {
         self.post_json(url, PUSH_PATH, "push", targets).await
     }
+
+    fn other_nodes(&self) -> Vec<String> {
+        let (nodes, _) = self.node.status();
+        nodes
+            .into_iter()
+            .filter(|node| node.alive && node.node_id != self.node.node_id())
+            .map(|node| node.advertise_url)
+            .collect()
+    }
+
+    async fn fleet_part(&self, url: &str, view: Bytes) -> Result<Bytes, String> {
+        self.post_json(url, FLEET_PATH, "fleet", view).await
+    }
 }
 
 /// The internal route that pushes a node's own devices.
 pub const PUSH_PATH: &str = "/internal/push";
+
+/// The internal route that answers a node's part of a fleet view.
+pub const FLEET_PATH: &str = "/internal/fleet";
 
 impl Forwarder {
     /// POST a JSON body to a peer; its body when it answered 200.

@@ -22,7 +22,7 @@ use crate::ddm::fleet::minute_floor;
 use crate::ddm::sync::DdmState;
 use crate::ddm::{Issue, Validity};
 use crate::device::messages::{DdmView, GetDdmView};
-use crate::device::tally::FleetTally;
+use crate::device::tally::{fleet_view, FleetShare, FleetView};
 use crate::device::DeviceError;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -547,19 +547,35 @@ async fn bulk_assign(
     })))
 }
 
-/// How long a fleet route waits for the fleet tally's startup walk before answering 503.
+/// How long a fleet route waits for every shard to be counted before answering 503.
 const TALLY_PATIENCE: Duration = Duration::from_secs(5);
+/// How often it looks again meanwhile.
+const TALLY_RETRY: Duration = Duration::from_millis(200);
 
-/// Wait for the fleet tally, or refuse with 503 and the walk's progress.
-async fn ready_tally(state: &AppState) -> Result<&FleetTally, Rejection> {
-    let tally = state.registry.tally();
-    match tally.wait_ready(TALLY_PATIENCE).await {
-        Ok(()) => Ok(tally),
-        Err(walked) => Err(Rejection::api(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "fleet_tally_warming",
-            format!("the fleet tally is still being rebuilt after startup ({walked} enrollments read); retry shortly"),
-        )),
+/// The fleet's `view` summed over every node, once every shard is counted by exactly one
+/// (after a start or a shard move, the new owner first recounts the shard); 503 with the
+/// progress if that takes longer than [`TALLY_PATIENCE`].
+async fn counted_fleet(state: &AppState, view: FleetView) -> Result<FleetShare, Rejection> {
+    let started = std::time::Instant::now();
+    loop {
+        let incomplete = match fleet_view(&state.registry, view).await {
+            Ok(fleet) => {
+                metrics::histogram!("orchard_fleet_view_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                return Ok(fleet);
+            }
+            Err(incomplete) => incomplete,
+        };
+        if started.elapsed() >= TALLY_PATIENCE {
+            metrics::counter!("orchard_fleet_views_refused_total").increment(1);
+            tracing::info!(%incomplete, "fleet view refused: shards are being recounted");
+            return Err(Rejection::api(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "fleet_tally_warming",
+                format!("the fleet tally is being recounted after a start or a shard move: {incomplete}; retry shortly"),
+            ));
+        }
+        tokio::time::sleep(TALLY_RETRY).await;
     }
 }
 
@@ -567,10 +583,8 @@ async fn ready_tally(state: &AppState) -> Result<&FleetTally, Rejection> {
 /// active, invalid, pending (assigned, not reported at its current token) or on an old
 /// token. Answered from the fleet tally against the current manifests.
 async fn fleet_declarations(state: web::Data<AppState>) -> Result<HttpResponse, Rejection> {
-    let tally = ready_tally(&state).await?;
-    let catalog = Arc::clone(state.registry.catalog());
-    let fleet = tally.declarations(&|sets| catalog.manifest(sets));
-    Ok(HttpResponse::Ok().json(fleet))
+    let fleet = counted_fleet(&state, FleetView::Declarations).await?;
+    Ok(HttpResponse::Ok().json(fleet.declarations))
 }
 
 fn findings_for(state: &AppState, ddm: &DdmState, facts: &EnrollmentFacts) -> Vec<Finding> {
@@ -637,16 +651,15 @@ async fn device_reports(
 /// `GET /api/v1/ddm/diagnosis`: enrollments per doctor rule across the fleet, as of the
 /// start of the current minute (stall deadlines are tallied to the minute).
 async fn fleet_diagnosis(state: web::Data<AppState>) -> Result<HttpResponse, Rejection> {
-    let tally = ready_tally(&state).await?;
-    let catalog = Arc::clone(state.registry.catalog());
     let as_of = minute_floor(crate::device::now_secs());
-    let (per_rule, enrollments) = tally.findings(&|sets| catalog.manifest(sets), as_of);
-    for (rule, count) in &per_rule {
-        metrics::gauge!("orchard_ddm_enrollments_with_finding", "rule" => *rule).set(*count as f64);
+    let fleet = counted_fleet(&state, FleetView::Diagnosis { as_of }).await?;
+    for (rule, count) in &fleet.rules {
+        metrics::gauge!("orchard_ddm_enrollments_with_finding", "rule" => rule.clone())
+            .set(*count as f64);
     }
     Ok(HttpResponse::Ok().json(json!({
-        "rules": per_rule,
-        "enrollments": enrollments,
+        "rules": fleet.rules,
+        "enrollments": fleet.enrollments,
         "as_of": rfc3339(as_of),
     })))
 }

@@ -18,6 +18,7 @@ use super::rejection::Rejection;
 use super::AppState;
 use crate::cluster::{Route, ShardId};
 use crate::commands;
+use crate::device::tally::{this_nodes_part, FleetView};
 use crate::device::{answer_batch, BatchError, DeviceError};
 use crate::forward::{Forwarder, Outgoing, Signed, FINGERPRINT_HEADER, SIGNATURE_HEADER};
 use crate::identity::CertFingerprint;
@@ -33,6 +34,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/device/connect", web::put().to(device_connect))
             .route("/actors/{kind}", web::post().to(actors))
             .route("/push", web::post().to(push))
+            .route("/fleet", web::post().to(fleet_part))
             .default_service(web::to(unknown_route)),
     );
 }
@@ -278,6 +280,23 @@ async fn push(
     })?;
     let outcomes = commands::push_here(&state.registry, &*state.push, &targets).await;
     Ok(HttpResponse::Ok().json(outcomes))
+}
+
+/// `POST /internal/fleet`: this node's part of a fleet view (the shards it counts).
+async fn fleet_part(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    let (body, _) = signed_body(&req, payload, &state, "fleet").await?;
+    let view: FleetView = serde_json::from_slice(&body).map_err(|e| {
+        Rejection::api(
+            StatusCode::BAD_REQUEST,
+            "malformed_fleet_view",
+            e.to_string(),
+        )
+    })?;
+    Ok(HttpResponse::Ok().json(this_nodes_part(&state.registry, view).await))
 }
 
 /// Any other `/internal/` path: refused without the signature, unknown with it.

@@ -9,6 +9,8 @@
 #[path = "../cql/mod.rs"]
 pub mod cql;
 
+pub mod cluster;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
