@@ -198,3 +198,40 @@ async fn token_update_before_authenticate_is_refused() {
     let (status, body) = device.checkin(&server, device.token_update()).await;
     assert_eq!(status, 403, "{}", String::from_utf8_lossy(&body));
 }
+
+/// Every check-in is logged in its own span: concurrent check-ins on one worker thread do
+/// not nest inside each other's spans (a span left entered across an await did, until
+/// the log lines grew without bound and the worker's stack overflowed).
+#[actix_rt::test]
+async fn concurrent_check_ins_are_logged_each_in_its_own_span() {
+    let server = Server::start_logging("warn,orchard=debug", &["--workers", "1"]);
+    let devices: Vec<Device> = (0..32)
+        .map(|n| Device::new(&server, &format!("5BA40000-0000-4000-8000-{n:012X}")))
+        .collect();
+    futures_util::future::join_all(devices.iter().map(|d| d.enroll(&server))).await;
+    let log = server.log();
+    let plain = |line: &str| {
+        let mut text = String::new();
+        let mut escape = false;
+        for c in line.chars() {
+            match (escape, c) {
+                (false, '\u{1b}') => escape = true,
+                (true, 'm') => escape = false,
+                (false, c) => text.push(c),
+                _ => {}
+            }
+        }
+        text
+    };
+    let spans: Vec<usize> = log
+        .lines()
+        .map(|line| plain(line).matches("checkin{").count())
+        .filter(|&n| n > 0)
+        .collect();
+    assert!(!spans.is_empty(), "check-ins are logged at debug:\n{log}");
+    assert!(
+        spans.iter().all(|&n| n == 1),
+        "a check-in logged inside another's span: up to {} nested",
+        spans.iter().max().unwrap()
+    );
+}

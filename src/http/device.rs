@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
+use tracing::Instrument;
 
 use super::body::read_body;
 use super::identity::device_identity;
@@ -184,10 +185,22 @@ async fn handle_checkin(
     fingerprint: CertFingerprint,
     state: &AppState,
 ) -> Result<HttpResponse, Rejection> {
-    let started = Instant::now();
     let message_type = checkin.message.message_type();
     let span = tracing::info_span!("checkin", enrollment_id = %checkin.channel.id, message_type);
-    let _entered = span.enter();
+    // Instrumented, not entered: a guard held across an await would leave the span
+    // entered on the worker thread for whatever request runs there next.
+    checkin_in_span(checkin, fingerprint, state, message_type)
+        .instrument(span)
+        .await
+}
+
+async fn checkin_in_span(
+    checkin: Checkin,
+    fingerprint: CertFingerprint,
+    state: &AppState,
+    message_type: &'static str,
+) -> Result<HttpResponse, Rejection> {
+    let started = Instant::now();
     let caller = caller_for(&checkin.channel, fingerprint, state).await?;
     let id = checkin.channel.id.clone();
     let reply = state

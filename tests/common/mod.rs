@@ -55,6 +55,8 @@ pub struct Server {
     args: Vec<String>,
     env: Vec<(String, String)>,
     store: StoreUnderTest,
+    /// Where the server's log goes, when the test reads it (else the test's stderr).
+    log_file: Option<PathBuf>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -118,6 +120,22 @@ impl Server {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Server {
+        let mut server = Server::unstarted(store, extra, env);
+        server.spawn();
+        server
+    }
+
+    /// A server logging at `level` (`ORCHARD_LOG`) to a file the test reads with
+    /// [`Server::log`].
+    pub fn start_logging(level: &str, extra: &[&str]) -> Server {
+        let mut server = Server::unstarted(StoreUnderTest::from_env(), extra, &[]);
+        server.set_env("ORCHARD_LOG", Some(level));
+        server.log_file = server._tmp.as_ref().map(|tmp| tmp.path().join("server.log"));
+        server.spawn();
+        server
+    }
+
+    fn unstarted(store: StoreUnderTest, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let tmp = tempfile::tempdir().unwrap();
         let data_dir = tmp.path().join("data");
         let mut server = Server {
@@ -127,13 +145,19 @@ impl Server {
             args: extra.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
             store,
+            log_file: None,
             _tmp: Some(tmp),
         };
         for (key, value) in env {
             server.set_env(key, Some(value));
         }
-        server.spawn();
         server
+    }
+
+    /// What the server logged so far (servers started with [`Server::start_logging`]).
+    pub fn log(&self) -> String {
+        let path = self.log_file.as_ref().expect("started with start_logging");
+        std::fs::read_to_string(path).unwrap_or_default()
     }
 
     fn spawn(&mut self) {
@@ -151,8 +175,18 @@ impl Server {
             .args(&self.args)
             .env("ORCHARD_LOG", "warn")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stdout(Stdio::piped());
+        match &self.log_file {
+            Some(path) => {
+                let log = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .unwrap();
+                command.stderr(log)
+            }
+            None => command.stderr(Stdio::inherit()),
+        };
         let mut child = command.spawn().expect("orchard binary starts");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
