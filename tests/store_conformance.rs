@@ -593,7 +593,8 @@ mod cases {
         assert_eq!(store.device("d3").await.unwrap().ddm, DdmRecord::default());
 
         // The fleet walk reads each enrollment with a DDM state together with its record.
-        let all = store.fleet_rows(None, 10).await.unwrap();
+        let every = orchard::store::every_enrollment;
+        let all = store.fleet_rows(None, 10, every()).await.unwrap();
         let by_id: std::collections::BTreeMap<_, _> = all
             .iter()
             .map(|(id, rows)| (id.clone(), (rows.enrollment.clone(), rows.ddm.clone())))
@@ -612,10 +613,21 @@ mod cases {
             ]
             .into()
         );
-        let first = store.fleet_rows(None, 1).await.unwrap();
+        let first = store.fleet_rows(None, 1, every()).await.unwrap();
         assert_eq!(first, all[..1]);
-        let rest = store.fleet_rows(Some(&all[0].0), 10).await.unwrap();
+        let rest = store
+            .fleet_rows(Some(&all[0].0), 10, every())
+            .await
+            .unwrap();
         assert_eq!(rest, all[1..]);
+        // A walk recounting some shards reads only the enrollments it wants.
+        let second: orchard::store::EnrollmentFilter = std::sync::Arc::new(|id| id == "d2");
+        let only_second: Vec<_> = all.iter().filter(|(id, _)| id == "d2").cloned().collect();
+        let wanted = store.fleet_rows(None, 1, second.clone()).await.unwrap();
+        assert_eq!(wanted, only_second);
+        let last = &all[all.len() - 1].0;
+        let after_last = store.fleet_rows(Some(last), 10, second).await.unwrap();
+        assert!(after_last.is_empty());
     }
 
     pub async fn status_reports_keep_only_the_newest<B: Backend>(backend: B) {

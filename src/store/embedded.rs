@@ -39,8 +39,8 @@ use tracing::{debug, error, warn};
 
 use super::{
     CertFingerprint, CommandResult, DdmRecord, DeclarationRecord, DeclarationSet, DeviceRecords,
-    EnrollmentRecord, FleetRows, Mutation, PushCertRecord, QueueEntry, SharedVersions, Store,
-    StoreError, StoreResult, StoredCommand, StoredReport, WakeEntry,
+    EnrollmentFilter, EnrollmentRecord, FleetRows, Mutation, PushCertRecord, QueueEntry,
+    SharedVersions, Store, StoreError, StoreResult, StoredCommand, StoredReport, WakeEntry,
 };
 
 /// Page cache unless configured (redb's own default is 1 GiB).
@@ -496,6 +496,7 @@ impl Store for EmbeddedStore {
         &self,
         after: Option<&str>,
         limit: usize,
+        wanted: EnrollmentFilter,
     ) -> StoreResult<Vec<(String, FleetRows)>> {
         let after = after.map(str::to_owned);
         self.read("fleet_rows", move |snapshot| {
@@ -505,10 +506,11 @@ impl Store for EmbeddedStore {
                 .map(enrollment_successor)
                 .unwrap_or_default();
             let rows = table.range(start.as_str()..).map_err(backend_error)?;
-            rows.take(limit)
-                .map(|row| {
-                    let (key, _) = row.map_err(backend_error)?;
-                    let id = key.value().to_owned();
+            let ids = rows.map(|row| row.map(|(key, _)| key.value().to_owned()));
+            ids.filter(|id| id.as_ref().map_or(true, |id| wanted(id)))
+                .take(limit)
+                .map(|id| {
+                    let id = id.map_err(backend_error)?;
                     let rows = FleetRows {
                         enrollment: read_row(snapshot, ENROLLMENTS, "enrollment", &id)?,
                         ddm: read_ddm(snapshot, &id)?,

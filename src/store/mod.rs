@@ -16,6 +16,8 @@
 pub mod embedded;
 pub mod scylla;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
@@ -297,6 +299,15 @@ pub struct DdmRecord {
     pub timeline: Option<Vec<u8>>,
 }
 
+/// Which enrollments a fleet walk reads: a node recounting some shards reads only
+/// theirs, and skips the others' rows after reading just their ids.
+pub type EnrollmentFilter = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// A filter that keeps every enrollment.
+pub fn every_enrollment() -> EnrollmentFilter {
+    Arc::new(|_| true)
+}
+
 /// The rows of one enrollment that the fleet tally reduces.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FleetRows {
@@ -395,13 +406,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<String>>;
     /// Everything the enrollment's actor needs to activate, from one snapshot.
     async fn device(&self, id: &str) -> StoreResult<DeviceRecords>;
-    /// The enrollment and DDM rows of enrollments that have a DDM state, in the page
-    /// order of [`Store::enrollment_ids`], strictly after `after`, at most `limit` (the
-    /// fleet tally's startup walk pages through them).
+    /// The enrollment and DDM rows of the enrollments `wanted` keeps that have a DDM
+    /// state, in the page order of [`Store::enrollment_ids`], strictly after `after`, at
+    /// most `limit` (the fleet tally's recount walks page through them).
     async fn fleet_rows(
         &self,
         after: Option<&str>,
         limit: usize,
+        wanted: EnrollmentFilter,
     ) -> StoreResult<Vec<(String, FleetRows)>>;
     /// The enrollment's kept raw status reports, oldest first.
     async fn ddm_reports(&self, enrollment_id: &str) -> StoreResult<Vec<StoredReport>>;

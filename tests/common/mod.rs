@@ -130,7 +130,10 @@ impl Server {
     pub fn start_logging(level: &str, extra: &[&str]) -> Server {
         let mut server = Server::unstarted(StoreUnderTest::from_env(), extra, &[]);
         server.set_env("ORCHARD_LOG", Some(level));
-        server.log_file = server._tmp.as_ref().map(|tmp| tmp.path().join("server.log"));
+        server.log_file = server
+            ._tmp
+            .as_ref()
+            .map(|tmp| tmp.path().join("server.log"));
         server.spawn();
         server
     }

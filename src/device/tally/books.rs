@@ -14,8 +14,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::{Counted, WriteOutcome};
-use crate::cluster::{shard_of, ShardId};
+use crate::cluster::{shard_of, ShardId, VIRTUAL_SHARDS};
 use crate::ddm::fleet::{FleetCounts, FleetFacts};
+use crate::store::EnrollmentFilter;
 
 #[derive(Default)]
 pub(super) struct Books {
@@ -205,6 +206,15 @@ impl Books {
         }
         self.walked = 0;
         any
+    }
+
+    /// Which enrollments the walk in progress reads: those of the shards it recounts.
+    pub fn recounted_enrollments(&self) -> EnrollmentFilter {
+        let mut recounted = vec![false; VIRTUAL_SHARDS as usize];
+        for (shard, tally) in &self.shards {
+            recounted[shard.0 as usize] = matches!(tally, Shard::Recounting(_));
+        }
+        Arc::new(move |id| recounted[shard_of(id).0 as usize])
     }
 
     /// Whether the walk in progress still has a shard to recount (they may all have been

@@ -145,8 +145,10 @@ impl FleetTally {
         let started = Instant::now();
         let mut after: Option<String> = None;
         let mut last_progress = Instant::now();
+        let recounted = self.lock().recounted_enrollments();
         while self.lock().recounting() {
-            let page = match store.fleet_rows(after.as_deref(), WALK_PAGE).await {
+            let page = store.fleet_rows(after.as_deref(), WALK_PAGE, recounted.clone());
+            let page = match page.await {
                 Ok(page) => page,
                 Err(e) => {
                     tracing::warn!(error = %e, "fleet tally walk: page failed; retrying");

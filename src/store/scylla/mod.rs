@@ -50,8 +50,8 @@ use self::rows::WriteClock;
 use self::statements::Statements;
 use super::{
     CertFingerprint, CommandResult, DeclarationRecord, DeclarationSet, DeviceRecords,
-    EnrollmentRecord, FleetRows, Mutation, PushCertRecord, QueueEntry, SharedVersions, Store,
-    StoreError, StoreResult, StoredCommand, StoredReport, WakeEntry,
+    EnrollmentFilter, EnrollmentRecord, FleetRows, Mutation, PushCertRecord, QueueEntry,
+    SharedVersions, Store, StoreError, StoreResult, StoredCommand, StoredReport, WakeEntry,
 };
 use crate::cluster::WriteFence;
 
@@ -493,8 +493,9 @@ impl Store for ScyllaStore {
         &self,
         after: Option<&str>,
         limit: usize,
+        wanted: EnrollmentFilter,
     ) -> StoreResult<Vec<(String, FleetRows)>> {
-        self.page_fleet_rows(after, limit).await
+        self.page_fleet_rows(after, limit, &*wanted).await
     }
 
     async fn ddm_reports(&self, enrollment_id: &str) -> StoreResult<Vec<StoredReport>> {

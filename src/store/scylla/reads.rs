@@ -328,6 +328,7 @@ impl ScyllaStore {
         &self,
         after: Option<&str>,
         limit: usize,
+        wanted: &(dyn Fn(&str) -> bool + Send + Sync),
     ) -> StoreResult<Vec<(String, FleetRows)>> {
         let mut found = Vec::new();
         let mut cursor = after.map(str::to_string);
@@ -335,6 +336,7 @@ impl ScyllaStore {
             let ids = self.page_enrollments(cursor.as_deref(), limit).await?;
             let exhausted = ids.len() < limit;
             cursor = ids.last().cloned();
+            let ids = ids.into_iter().filter(|id| wanted(id));
             let heads: Vec<(String, DeviceHead)> = stream::iter(ids)
                 .map(|id| async move {
                     let head = self.read_head(&id, section::WAKE).await?;
