@@ -487,7 +487,7 @@ fn api_key(args: &ServeArgs, store: &Arc<dyn Store>) -> Result<(String, bool), S
     let key = match args.store {
         StoreKind::Embedded => offered.clone(),
         StoreKind::Scylla => {
-            let kept = block_on(store.claim(CLAIM_API_KEY, offered.clone().into_bytes()))?
+            let kept = block_on(claim(&**store, CLAIM_API_KEY, offered.clone().into_bytes()))?
                 .map_err(|e| fail("cannot read the cluster's API key", e))?;
             String::from_utf8(kept).map_err(|e| fail("the cluster's API key", e))?
         }
@@ -498,6 +498,25 @@ fn api_key(args: &ServeArgs, store: &Arc<dyn Store>) -> Result<(String, bool), S
             .map_err(|e| fail(&format!("cannot write {}", path.display()), e))?;
     }
     Ok((key.clone(), stored.is_none() && key == offered))
+}
+
+/// How long a starting node retries a claim the database could not answer (it may be
+/// starting too, or overloaded by the other nodes' starts).
+const CLAIM_PATIENCE: Duration = Duration::from_secs(60);
+
+/// [`Store::claim`], retried while the store is unavailable. A retry is safe: a claim
+/// that landed unacknowledged answers the value it stored.
+async fn claim(store: &dyn Store, name: &str, value: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+    let started = std::time::Instant::now();
+    loop {
+        match store.claim(name, value.clone()).await {
+            Err(StoreError::Unavailable(reason)) if started.elapsed() < CLAIM_PATIENCE => {
+                tracing::warn!(claim = name, %reason, "the store did not answer a startup claim; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            answered => return answered,
+        }
+    }
 }
 
 /// The claims every node on a CQL keyspace shares.
@@ -528,7 +547,7 @@ fn identity_ca(
             .map_err(ca_error)?
             .to_pem_bundle(),
     };
-    let kept = block_on(store.claim(CLAIM_IDENTITY_CA, offered.into_bytes()))?
+    let kept = block_on(claim(&**store, CLAIM_IDENTITY_CA, offered.into_bytes()))?
         .map_err(|e| fail("cannot read the cluster's identity CA", e))?;
     let kept = String::from_utf8(kept).map_err(|e| fail("the cluster's identity CA", e))?;
     let shared = CertificateAuthority::from_pem_bundle(&kept, Path::new("the store's identity CA"))

@@ -6,7 +6,7 @@
 //!   and Orchard keeps answering;
 //! * two of the three nodes paused (SIGSTOP): a quorum is out of reach, so writes answer
 //!   `503` with `Retry-After` (never a 2xx, never another 5xx) within the request timeout,
-//!   and succeed once the nodes resume.
+//!   and succeed once the nodes resume; an Orchard started meanwhile waits for them.
 //!
 //! Needs `ORCHARD_TEST_CQL_CLUSTER=H1:P,H2:P,H3:P` (loopback addresses of the cluster's
 //! nodes); `ORCHARD_TEST_CQL_RESTART='command {addr}'` starts the killed node again
@@ -38,6 +38,7 @@ async fn database_node_failures_lose_nothing_acknowledged() {
     };
     a_killed_database_node_loses_nothing_acknowledged(&nodes).await;
     a_lost_quorum_answers_503_and_recovers(&nodes).await;
+    an_orchard_starting_without_a_quorum_waits_for_it(&nodes).await;
 }
 
 async fn a_killed_database_node_loses_nothing_acknowledged(nodes: &[String]) {
@@ -137,6 +138,25 @@ async fn a_lost_quorum_answers_503_and_recovers(nodes: &[String]) {
         "{got:?}"
     );
     assert!(drain_retrying(&server, &device).await.is_empty());
+}
+
+/// An Orchard (re)started while its keyspace has no quorum (the database restarting too,
+/// or overloaded) waits for it instead of exiting.
+async fn an_orchard_starting_without_a_quorum_waits_for_it(nodes: &[String]) {
+    let mut server = cluster_server(nodes);
+    server.kill9();
+    let paused = Paused::nodes(&nodes[1..]);
+    let starting = std::thread::spawn(move || {
+        server.restart();
+        server
+    });
+    actix_rt::time::sleep(Duration::from_secs(8)).await;
+    drop(paused);
+    let server = starting
+        .join()
+        .expect("Orchard starts once the quorum is back");
+    let (status, body) = api_get(&server, "/api/v1/devices").await;
+    assert_eq!(status, 200, "{body}");
 }
 
 /// An Orchard on the cluster, on a fresh keyspace with replication 3.
