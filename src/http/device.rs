@@ -1,6 +1,5 @@
 //! Device-facing endpoints: check-in, connect (command queue) and the enrollment profile.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use actix_web::http::{header, StatusCode};
@@ -102,7 +101,7 @@ pub async fn serve(
             let id = checkin.channel.id.clone();
             match forward(state, &id, hop, endpoint, fingerprint, &body).await? {
                 Some(answer) => Ok(answer),
-                None => handle_checkin(checkin, fingerprint, state).await,
+                None => handle_checkin(checkin, body, fingerprint, state).await,
             }
         }
         DeviceEndpoint::Connect => match decode_connect(&body) {
@@ -181,6 +180,7 @@ async fn caller_for(
 
 async fn handle_checkin(
     checkin: Checkin,
+    raw: web::Bytes,
     fingerprint: CertFingerprint,
     state: &AppState,
 ) -> Result<HttpResponse, Rejection> {
@@ -192,7 +192,14 @@ async fn handle_checkin(
     let id = checkin.channel.id.clone();
     let reply = state
         .registry
-        .call(&id, HandleCheckin { checkin, caller })
+        .call(
+            &id,
+            HandleCheckin {
+                checkin,
+                raw,
+                caller,
+            },
+        )
         .await
         .map_err(Rejection::from_device)?;
     metrics::counter!("orchard_checkin_messages_total", "message_type" => message_type)
@@ -228,7 +235,7 @@ async fn handle_connect(
             &id,
             HandleConnect {
                 report,
-                raw: Arc::from(&body[..]),
+                raw: body,
                 caller,
             },
         )

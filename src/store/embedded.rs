@@ -40,7 +40,7 @@ use tracing::{debug, error, warn};
 use super::{
     CertFingerprint, CommandResult, DdmRecord, DeclarationRecord, DeclarationSet, DeviceRecords,
     EnrollmentRecord, FleetRows, Mutation, PushCertRecord, QueueEntry, SharedVersions, Store,
-    StoreError, StoreResult, StoredCommand, StoredReport, WakeEntry,
+    StoreError, StoreResult, StoredCommand, StoredReport, WakeEntry, WebhookEvent,
 };
 
 /// Page cache unless configured (redb's own default is 1 GiB).
@@ -92,6 +92,12 @@ const DDM_REPORTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("d
 const CLAIMS: TableDefinition<&str, &[u8]> = TableDefinition::new("claims");
 /// A counter per kind of shared state, raised by every write of that kind.
 const VERSIONS: TableDefinition<&str, u64> = TableDefinition::new("versions");
+/// (enrollment id, seq) -> postcard [`WebhookEvent`]: each enrollment's outbox in order.
+const WEBHOOK_EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("webhook_events");
+/// enrollment id -> (): enrollments whose outbox is not empty, kept exact by the writer.
+const WEBHOOK_PENDING: TableDefinition<&str, ()> = TableDefinition::new("webhook_pending");
+/// enrollment id -> one past the highest event sequence ever written.
+const WEBHOOK_NEXT: TableDefinition<&str, u64> = TableDefinition::new("webhook_next");
 
 /// The embedded, single-node [`Store`].
 pub struct EmbeddedStore {
@@ -487,6 +493,11 @@ impl Store for EmbeddedStore {
                 // Removed entries leave no markers here: reads need no floor.
                 queue_floor: 0,
                 ddm: read_ddm(snapshot, &id)?,
+                webhook_next_seq: {
+                    let table = snapshot.open_table(WEBHOOK_NEXT).map_err(backend_error)?;
+                    let next = table.get(id.as_str()).map_err(backend_error)?;
+                    next.map_or(0, |n| n.value())
+                },
             })
         })
         .await
@@ -539,6 +550,49 @@ impl Store for EmbeddedStore {
     async fn push_certs(&self) -> StoreResult<Vec<PushCertRecord>> {
         self.read("push_certs", |snapshot| {
             decode_all(snapshot, PUSH_CERTS, "push certificate")
+        })
+        .await
+    }
+
+    async fn webhook_pending(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<String>> {
+        let after = after.map(str::to_owned);
+        self.read("webhook_pending", move |snapshot| {
+            let table = snapshot.open_table(WEBHOOK_PENDING).map_err(backend_error)?;
+            let lower = match &after {
+                Some(after) => Bound::Excluded(after.as_str()),
+                None => Bound::Unbounded,
+            };
+            let rows = table
+                .range::<&str>((lower, Bound::Unbounded))
+                .map_err(backend_error)?;
+            rows.take(limit)
+                .map(|row| Ok(row.map_err(backend_error)?.0.value().to_owned()))
+                .collect()
+        })
+        .await
+    }
+
+    async fn webhook_events(
+        &self,
+        enrollment_id: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<WebhookEvent>> {
+        let id = enrollment_id.to_owned();
+        self.read("webhook_events", move |snapshot| {
+            let table = snapshot.open_table(WEBHOOK_EVENTS).map_err(backend_error)?;
+            let rows = table
+                .range((id.as_str(), 0u64)..=(id.as_str(), u64::MAX))
+                .map_err(backend_error)?;
+            rows.take(limit)
+                .map(|row| {
+                    let (_, value) = row.map_err(backend_error)?;
+                    decode("webhook event", &id, value.value())
+                })
+                .collect()
         })
         .await
     }
@@ -662,6 +716,15 @@ enum EncodedMutation {
         value: Vec<u8>,
         keep: usize,
     },
+    PutWebhookEvent {
+        enrollment_id: String,
+        seq: u64,
+        value: Vec<u8>,
+    },
+    RemoveWebhookEvent {
+        enrollment_id: String,
+        seq: u64,
+    },
 }
 
 /// The string-keyed blob tables written whole.
@@ -775,6 +838,17 @@ impl EncodedMutation {
                 value: encode(&report)?,
                 keep,
             },
+            Mutation::PutWebhookEvent {
+                enrollment_id,
+                event,
+            } => EncodedMutation::PutWebhookEvent {
+                value: encode(&event)?,
+                enrollment_id,
+                seq: event.seq,
+            },
+            Mutation::RemoveWebhookEvent { enrollment_id, seq } => {
+                EncodedMutation::RemoveWebhookEvent { enrollment_id, seq }
+            }
         })
     }
 
@@ -816,7 +890,13 @@ impl EncodedMutation {
                 enrollment_id,
                 value,
                 ..
+            }
+            | EncodedMutation::PutWebhookEvent {
+                enrollment_id,
+                value,
+                ..
             } => enrollment_id.len() + 8 + value.len(),
+            EncodedMutation::RemoveWebhookEvent { enrollment_id, .. } => enrollment_id.len() + 8,
         }
     }
 }
@@ -937,6 +1017,9 @@ struct WriteTables<'txn> {
     ddm_reports: Table<'txn, (&'static str, u64), &'static [u8]>,
     claims: Table<'txn, &'static str, &'static [u8]>,
     versions: Table<'txn, &'static str, u64>,
+    webhook_events: Table<'txn, (&'static str, u64), &'static [u8]>,
+    webhook_pending: Table<'txn, &'static str, ()>,
+    webhook_next: Table<'txn, &'static str, u64>,
 }
 
 impl<'txn> WriteTables<'txn> {
@@ -967,6 +1050,13 @@ impl<'txn> WriteTables<'txn> {
             ddm_reports: transaction.open_table(DDM_REPORTS).map_err(backend_error)?,
             claims: transaction.open_table(CLAIMS).map_err(backend_error)?,
             versions: transaction.open_table(VERSIONS).map_err(backend_error)?,
+            webhook_events: transaction
+                .open_table(WEBHOOK_EVENTS)
+                .map_err(backend_error)?,
+            webhook_pending: transaction
+                .open_table(WEBHOOK_PENDING)
+                .map_err(backend_error)?,
+            webhook_next: transaction.open_table(WEBHOOK_NEXT).map_err(backend_error)?,
         })
     }
 
@@ -1099,6 +1189,48 @@ impl<'txn> WriteTables<'txn> {
                 value,
                 keep,
             } => self.append_report(enrollment_id, value, *keep)?,
+            EncodedMutation::PutWebhookEvent {
+                enrollment_id,
+                seq,
+                value,
+            } => self.put_webhook_event(enrollment_id, *seq, value)?,
+            EncodedMutation::RemoveWebhookEvent { enrollment_id, seq } => {
+                self.remove_webhook_event(enrollment_id, *seq)?
+            }
+        }
+        Ok(())
+    }
+
+    /// Outbox row, index entry and the next sequence, all in this transaction.
+    fn put_webhook_event(&mut self, id: &str, seq: u64, value: &[u8]) -> StoreResult<()> {
+        self.webhook_events
+            .insert((id, seq), value)
+            .map_err(backend_error)?;
+        self.webhook_pending.insert(id, ()).map_err(backend_error)?;
+        let next = self
+            .webhook_next
+            .get(id)
+            .map_err(backend_error)?
+            .map_or(0, |n| n.value());
+        self.webhook_next
+            .insert(id, next.max(seq + 1))
+            .map_err(backend_error)?;
+        Ok(())
+    }
+
+    /// Remove the event; the index entry goes with the outbox's last event.
+    fn remove_webhook_event(&mut self, id: &str, seq: u64) -> StoreResult<()> {
+        self.webhook_events
+            .remove((id, seq))
+            .map_err(backend_error)?;
+        let drained = self
+            .webhook_events
+            .range((id, 0u64)..=(id, u64::MAX))
+            .map_err(backend_error)?
+            .next()
+            .is_none();
+        if drained {
+            self.webhook_pending.remove(id).map_err(backend_error)?;
         }
         Ok(())
     }
