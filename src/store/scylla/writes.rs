@@ -4,11 +4,12 @@
 //!
 //! 1. certificate bindings, as lightweight transactions (one enrollment per certificate);
 //! 2. rows other rows refer to or are found by: command bodies (write-once),
-//!    set-membership additions, re-push hints, shared state;
-//! 3. each device's own rows (enrollment, queue, results, DDM, wake, reports) as one
-//!    single-partition batch: atomic and isolated on every replica;
-//! 4. the enrollment index (a listing never names an enrollment that is not there) and
-//!    set-membership removals (after the state that no longer names the set).
+//!    set-membership additions, re-push hints, webhook-outbox index rows, shared state;
+//! 3. each device's own rows (enrollment, queue, results, DDM, wake, reports, webhook
+//!    outbox) as one single-partition batch: atomic and isolated on every replica;
+//! 4. the enrollment index (a listing never names an enrollment that is not there),
+//!    set-membership removals (after the state that no longer names the set) and
+//!    webhook-outbox index removals (after the delivered event is gone).
 //!
 //! Planning ([`Plan::of`]) is pure; only [`ScyllaStore::apply_batch`] talks to the cluster.
 
