@@ -387,7 +387,10 @@ fn webhook_settings(args: &ServeArgs) -> Result<Option<WebhookSettings>, Startup
         return Ok(None);
     };
     let url = WebhookUrl::parse(url).map_err(|e| fail("--webhook-url", e))?;
-    let key = args.webhook_hmac_key.as_ref().map(|k| k.as_bytes().to_vec());
+    let key = args
+        .webhook_hmac_key
+        .as_ref()
+        .map(|k| k.as_bytes().to_vec());
     let timeout = Duration::from_secs(args.webhook_timeout_secs.max(1));
     let client = Client::new(url, key, timeout).map_err(|e| fail("--webhook-url", e))?;
     Ok(Some(WebhookSettings {

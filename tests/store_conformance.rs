@@ -683,10 +683,14 @@ mod cases {
         backend: B,
     ) {
         let store = backend.open().await;
-        for seq in [3_000, 1_000, 2_000] {
-            apply(&store, vec![put_event("device-1", seq)]).await;
-        }
+        apply(
+            &store,
+            vec![put_event("device-1", 1_000), put_event("device-1", 2_000)],
+        )
+        .await;
+        apply(&store, vec![put_event("device-1", 3_000)]).await;
         apply(&store, vec![put_event("device-2", 5_000)]).await;
+        drop(store);
         let store = backend.open().await;
         let read = store.webhook_events("device-1", 10).await.unwrap();
         assert_eq!(event_seqs(&read), [1_000, 2_000, 3_000]);
@@ -704,10 +708,17 @@ mod cases {
         assert_eq!(event_seqs(&read), [2_000, 3_000]);
         apply(
             &store,
-            vec![remove_event("device-1", 2_000), remove_event("device-1", 3_000)],
+            vec![
+                remove_event("device-1", 2_000),
+                remove_event("device-1", 3_000),
+            ],
         )
         .await;
-        assert!(store.webhook_events("device-1", 10).await.unwrap().is_empty());
+        assert!(store
+            .webhook_events("device-1", 10)
+            .await
+            .unwrap()
+            .is_empty());
         assert_eq!(
             store.webhook_pending(None, 10).await.unwrap(),
             ["device-2"],
@@ -720,9 +731,7 @@ mod cases {
         );
     }
 
-    pub async fn a_webhook_event_is_written_with_its_change_or_not_at_all<B: Backend>(
-        backend: B,
-    ) {
+    pub async fn a_webhook_event_is_written_with_its_change_or_not_at_all<B: Backend>(backend: B) {
         let store = backend.open().await;
         apply(
             &store,
@@ -748,7 +757,11 @@ mod cases {
             .await;
         assert!(matches!(refused, Err(StoreError::Conflict(_))));
         assert!(store.enrollment("device-2").await.unwrap().is_none());
-        assert!(store.webhook_events("device-2", 10).await.unwrap().is_empty());
+        assert!(store
+            .webhook_events("device-2", 10)
+            .await
+            .unwrap()
+            .is_empty());
         assert_eq!(store.webhook_pending(None, 10).await.unwrap(), ["device-1"]);
     }
 

@@ -279,7 +279,10 @@ fn check_object(value: &serde_json::Value, schema: &serde_json::Value, defs: &se
     let properties = schema["properties"].as_object().unwrap();
     for required in schema["required"].as_array().unwrap() {
         let name = required.as_str().unwrap();
-        assert!(object.contains_key(name), "required {name} missing: {value}");
+        assert!(
+            object.contains_key(name),
+            "required {name} missing: {value}"
+        );
     }
     for (name, field) in object {
         let property = properties
@@ -290,7 +293,10 @@ fn check_object(value: &serde_json::Value, schema: &serde_json::Value, defs: &se
             None => property,
         };
         if let Some(allowed) = property.get("enum").and_then(|e| e.as_array()) {
-            assert!(allowed.contains(field), "{name} = {field} is not in {allowed:?}");
+            assert!(
+                allowed.contains(field),
+                "{name} = {field} is not in {allowed:?}"
+            );
         }
         match property.get("type").and_then(|t| t.as_str()) {
             Some("string") => assert!(field.is_string(), "{name} is a string"),
@@ -413,9 +419,11 @@ async fn every_event_type_arrives_in_nanomdm_shapes_with_a_valid_signature() {
 
     let token = Value::Data(b"bootstrap-secret".to_vec());
     let set = message(&device, "SetBootstrapToken", &[("BootstrapToken", token)]);
-    sent.checkin(&server, &device, "mdm.SetBootstrapToken", set).await;
+    sent.checkin(&server, &device, "mdm.SetBootstrapToken", set)
+        .await;
     let get = message(&device, "GetBootstrapToken", &[]);
-    sent.checkin(&server, &device, "mdm.GetBootstrapToken", get).await;
+    sent.checkin(&server, &device, "mdm.GetBootstrapToken", get)
+        .await;
     let ddm = message(
         &device,
         "DeclarativeManagement",
@@ -424,14 +432,26 @@ async fn every_event_type_arrives_in_nanomdm_shapes_with_a_valid_signature() {
     sent.checkin(&server, &device, "mdm.DeclarativeManagement", ddm)
         .await;
     // UserAuthenticate speaks for the user channel: an enrollment (and outbox) of its own.
-    let user = message(&device, "UserAuthenticate", &[("UserID", "501-USER".into())]);
+    let user = message(
+        &device,
+        "UserAuthenticate",
+        &[("UserID", "501-USER".into())],
+    );
     assert_eq!(device.checkin(&server, user.clone()).await.0, 200);
     let (status, _) = device
-        .checkin(&server, message(&device, "GetToken", &[("TokenServiceType", "x".into())]))
+        .checkin(
+            &server,
+            message(&device, "GetToken", &[("TokenServiceType", "x".into())]),
+        )
         .await;
     assert_ne!(status, 200, "a refused message records no event");
-    sent.checkin(&server, &device, "mdm.CheckOut", message(&device, "CheckOut", &[]))
-        .await;
+    sent.checkin(
+        &server,
+        &device,
+        "mdm.CheckOut",
+        message(&device, "CheckOut", &[]),
+    )
+    .await;
 
     let posted = receiver
         .wait_for(sent.events.len() + 1, Duration::from_secs(20))
@@ -446,7 +466,10 @@ async fn every_event_type_arrives_in_nanomdm_shapes_with_a_valid_signature() {
     assert_eq!(user_events.len(), 1);
     let ids = user_events[0].ids();
     assert_eq!(user_events[0].topic(), "mdm.UserAuthenticate");
-    assert_eq!((ids.kind.as_str(), ids.parent_id.as_deref()), ("User", Some(device.udid.as_str())));
+    assert_eq!(
+        (ids.kind.as_str(), ids.parent_id.as_deref()),
+        ("User", Some(device.udid.as_str()))
+    );
     assert_eq!(user_events[0].raw, user);
     let received = events_of(&posted, &device);
     let ids: HashSet<&str> = received
@@ -456,7 +479,10 @@ async fn every_event_type_arrives_in_nanomdm_shapes_with_a_valid_signature() {
     assert_eq!(ids.len(), received.len(), "every event has its own id");
     for event in &received {
         let ids = event.ids();
-        assert_eq!((ids.kind.as_str(), ids.parent_id.as_deref()), ("Device", None));
+        assert_eq!(
+            (ids.kind.as_str(), ids.parent_id.as_deref()),
+            ("Device", None)
+        );
         match (&event.event.checkin_event, &event.event.acknowledge_event) {
             (Some(checkin), None) => {
                 assert_eq!(checkin.udid.as_deref(), Some(device.udid.as_str()));
@@ -485,8 +511,14 @@ async fn every_event_type_arrives_in_nanomdm_shapes_with_a_valid_signature() {
     let text = metrics_text(&server).await;
     let total = (sent.events.len() + 1) as f64;
     assert_eq!(metric(&text, "orchard_webhook_events_queued_total"), total);
-    assert_eq!(metric(&text, "orchard_webhook_events_delivered_total"), total);
-    assert_eq!(metric(&text, "orchard_webhook_delivery_seconds_count"), total);
+    assert_eq!(
+        metric(&text, "orchard_webhook_events_delivered_total"),
+        total
+    );
+    assert_eq!(
+        metric(&text, "orchard_webhook_delivery_seconds_count"),
+        total
+    );
     receiver.stop().await;
 }
 
@@ -513,7 +545,10 @@ async fn events_recorded_while_the_receiver_is_unreachable_survive_kill9_in_orde
     // The deliverer has been failing to connect meanwhile; nothing was delivered.
     let text = metrics_text(&server).await;
     assert_eq!(metric(&text, "orchard_webhook_events_delivered_total"), 0.0);
-    assert!(metric(&text, "orchard_webhook_retries_total") > 0.0, "{text}");
+    assert!(
+        metric(&text, "orchard_webhook_retries_total") > 0.0,
+        "{text}"
+    );
 
     server.kill9();
     server.restart();
@@ -596,10 +631,17 @@ async fn events_older_than_the_max_age_are_dropped_and_later_ones_still_arrive()
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let text = metrics_text(&server).await;
-        if metric(&text, "orchard_webhook_events_dropped_total{reason=\"expired\"}") == 3.0 {
+        if metric(
+            &text,
+            "orchard_webhook_events_dropped_total{reason=\"expired\"}",
+        ) == 3.0
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "expired events are dropped: {text}");
+        assert!(
+            Instant::now() < deadline,
+            "expired events are dropped: {text}"
+        );
         actix_rt::time::sleep(Duration::from_millis(200)).await;
     }
     receiver.failing.store(false, Ordering::SeqCst);

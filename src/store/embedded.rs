@@ -554,14 +554,12 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn webhook_pending(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-    ) -> StoreResult<Vec<String>> {
+    async fn webhook_pending(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<String>> {
         let after = after.map(str::to_owned);
         self.read("webhook_pending", move |snapshot| {
-            let table = snapshot.open_table(WEBHOOK_PENDING).map_err(backend_error)?;
+            let table = snapshot
+                .open_table(WEBHOOK_PENDING)
+                .map_err(backend_error)?;
             let lower = match &after {
                 Some(after) => Bound::Excluded(after.as_str()),
                 None => Bound::Unbounded,
@@ -1056,7 +1054,9 @@ impl<'txn> WriteTables<'txn> {
             webhook_pending: transaction
                 .open_table(WEBHOOK_PENDING)
                 .map_err(backend_error)?,
-            webhook_next: transaction.open_table(WEBHOOK_NEXT).map_err(backend_error)?,
+            webhook_next: transaction
+                .open_table(WEBHOOK_NEXT)
+                .map_err(backend_error)?,
         })
     }
 

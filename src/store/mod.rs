@@ -310,8 +310,9 @@ pub struct DeviceRecords {
     /// the actor never allocates a sequence number below it.
     pub queue_floor: u64,
     pub ddm: DdmRecord,
-    /// One past the highest webhook event sequence ever written for the enrollment (0 if
-    /// none): the actor numbers its next event at or above it.
+    /// One past the sequence of the last webhook event written for the enrollment (0 if
+    /// none; the actor writes them in increasing order): it numbers its next event at or
+    /// above it.
     pub webhook_next_seq: u64,
 }
 
@@ -436,14 +437,16 @@ pub trait Store: Send + Sync + 'static {
     /// Enrollments whose webhook outbox holds events, in the store's page order (as for
     /// [`Store::enrollment_ids`]), strictly after `after`, at most `limit`: an index, so
     /// finding them after a restart reads no other enrollment.
-    async fn webhook_pending(&self, after: Option<&str>, limit: usize)
-        -> StoreResult<Vec<String>>;
+    async fn webhook_pending(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<String>>;
     /// The oldest (lowest `seq`) events of the enrollment's webhook outbox, at most
     /// `limit`. An enrollment listed by [`Store::webhook_pending`] whose outbox turns out
     /// empty (a crash between the index write and the event's) is dropped from the index
     /// by this read.
-    async fn webhook_events(&self, enrollment_id: &str, limit: usize)
-        -> StoreResult<Vec<WebhookEvent>>;
+    async fn webhook_events(
+        &self,
+        enrollment_id: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<WebhookEvent>>;
     /// Whether the store answers now (readiness), at the cost of one small read.
     async fn ping(&self) -> StoreResult<()>;
     /// Store `value` under `name` unless a value is there already; answers the value that

@@ -31,17 +31,13 @@ pub struct WebhookUrl {
 
 impl WebhookUrl {
     pub fn parse(url: &str) -> Result<WebhookUrl, String> {
-        let uri: http::Uri = url
-            .parse()
-            .map_err(|e| format!("not a URL ({e}): {url}"))?;
+        let uri: http::Uri = url.parse().map_err(|e| format!("not a URL ({e}): {url}"))?;
         let tls = match uri.scheme_str() {
             Some("https") => true,
             Some("http") => false,
             _ => return Err(format!("use an http:// or https:// URL, got {url}")),
         };
-        let authority = uri
-            .authority()
-            .ok_or_else(|| format!("no host in {url}"))?;
+        let authority = uri.authority().ok_or_else(|| format!("no host in {url}"))?;
         if authority.as_str().contains('@') {
             return Err(format!("credentials in the URL are not supported: {url}"));
         }
@@ -58,7 +54,11 @@ impl WebhookUrl {
             tls,
             host,
             port,
-            target: if target.is_empty() { "/".into() } else { target },
+            target: if target.is_empty() {
+                "/".into()
+            } else {
+                target
+            },
             authority: authority.as_str().to_string(),
         })
     }
@@ -228,7 +228,10 @@ mod tests {
         assert_eq!(url.target, "/mdm/events?x=1");
         let url = WebhookUrl::parse("http://[::1]:8080").unwrap();
         assert_eq!((url.host.as_str(), url.port), ("::1", 8080));
-        assert_eq!((url.target.as_str(), url.authority.as_str()), ("/", "[::1]:8080"));
+        assert_eq!(
+            (url.target.as_str(), url.authority.as_str()),
+            ("/", "[::1]:8080")
+        );
     }
 
     #[test]

@@ -344,7 +344,10 @@ mod tests {
             go_html_escape(r#"{"a":"<b>&\u{2028}"}"#),
             r#"{"a":"\u003cb\u003e\u0026\u{2028}"}"#
         );
-        assert_eq!(go_html_escape("{\"a\":\"\u{2029}\"}"), "{\"a\":\"\\u2029\"}");
+        assert_eq!(
+            go_html_escape("{\"a\":\"\u{2029}\"}"),
+            "{\"a\":\"\\u2029\"}"
+        );
     }
 
     #[test]

@@ -503,11 +503,7 @@ impl Store for ScyllaStore {
         Ok(reports.into_iter().map(|(_, r)| r.report).collect())
     }
 
-    async fn webhook_pending(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-    ) -> StoreResult<Vec<String>> {
+    async fn webhook_pending(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<String>> {
         self.page_webhook_pending(after, limit).await
     }
 

@@ -340,7 +340,11 @@ impl ScyllaStore {
     ) -> StoreResult<Vec<WebhookEvent>> {
         let limit = i32::try_from(limit).unwrap_or(i32::MAX);
         let values: Vec<(Vec<u8>,)> = self
-            .rows("webhook_events", &self.statements.webhook_events, (id, limit))
+            .rows(
+                "webhook_events",
+                &self.statements.webhook_events,
+                (id, limit),
+            )
             .await?;
         if !values.is_empty() {
             return values
@@ -360,8 +364,12 @@ impl ScyllaStore {
             None => rows::now_micros() - UNWRITTEN_HINT_AGE_MICROS,
         };
         let key = super::writes::webhook_pending_key(newest, id);
-        self.execute("webhook_events", &self.statements.delete_webhook_pending, key)
-            .await?;
+        self.execute(
+            "webhook_events",
+            &self.statements.delete_webhook_pending,
+            key,
+        )
+        .await?;
         Ok(Vec::new())
     }
 
@@ -377,10 +385,7 @@ impl ScyllaStore {
     ) -> StoreResult<Vec<String>> {
         let limit = i32::try_from(limit).unwrap_or(i32::MAX);
         let ids: Vec<(String,)> = match set {
-            Some(set) => {
-                self.rows(op, statement, (set, bucket, from, limit))
-                    .await?
-            }
+            Some(set) => self.rows(op, statement, (set, bucket, from, limit)).await?,
             None => self.rows(op, statement, (bucket, from, limit)).await?,
         };
         Ok(ids.into_iter().map(|(id,)| id).collect())
