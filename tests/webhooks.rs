@@ -651,3 +651,78 @@ async fn events_older_than_the_max_age_are_dropped_and_later_ones_still_arrive()
     assert_delivered_in_order(&posted, &device, &fresh);
     receiver.stop().await;
 }
+
+/// Three cluster nodes on one keyspace (needs `ORCHARD_TEST_CQL`), all posting to one
+/// receiver: each enrollment's events are posted by the node serving its shard — once,
+/// not once per node — and when that node is killed the node taking its shards posts
+/// what it left, in order.
+#[actix_rt::test]
+async fn in_a_cluster_the_owner_posts_its_devices_events_and_a_successor_finishes_them() {
+    let Some(cql) = common::cql::server() else {
+        common::cql::skip("webhooks on an Orchard cluster");
+        return;
+    };
+    let receiver = Receiver::start();
+    receiver.failing.store(true, Ordering::SeqCst);
+    let store = StoreUnderTest::Cql {
+        nodes: vec![cql],
+        keyspace: common::cql::fresh_keyspace(),
+    };
+    let url = receiver.url();
+    let mut nodes: Vec<Server> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|name| {
+            let args = [
+                "--cluster-secret",
+                "webhook-cluster-secret",
+                "--node-id",
+                name,
+                "--lease-secs",
+                "2",
+                "--webhook-url",
+                &url,
+                "--webhook-hmac-key",
+                HMAC_KEY,
+            ];
+            Server::start_on(store.clone(), &args)
+        })
+        .collect();
+    let devices: Vec<Device> = (0..12)
+        .map(|i| Device::new(&nodes[0], &format!("F0F0F0F0-0000-4000-8000-{i:012X}")))
+        .collect();
+    let mut sent: Vec<Sent> = (0..devices.len()).map(|_| Sent::default()).collect();
+    for (device, sent) in devices.iter().zip(sent.iter_mut()) {
+        sent.enroll_and_poll(&nodes[0], device, 0).await;
+        sent.connect(&nodes[1], device, device.idle()).await;
+    }
+
+    let mut on_the_killed_node = 0;
+    for device in &devices {
+        let (status, view) = api_get(&nodes[0], &format!("/api/v1/devices/{}", device.udid)).await;
+        assert_eq!(status, 200, "{view}");
+        if view["owner"] == "node-c" {
+            on_the_killed_node += 1;
+        }
+    }
+    assert!(on_the_killed_node > 0, "node-c serves some of the devices");
+
+    nodes[2].kill9();
+    actix_rt::time::sleep(Duration::from_secs(5)).await;
+    receiver.failing.store(false, Ordering::SeqCst);
+    let expected: usize = sent.iter().map(|s| s.events.len()).sum();
+    let posted = receiver.wait_for(expected, Duration::from_secs(60)).await;
+    assert_eq!(posted.len(), expected, "each event once, by one node");
+    for (device, sent) in devices.iter().zip(&sent) {
+        assert_delivered_in_order(&posted, device, sent);
+    }
+    let mut delivered_by_survivors = 0.0;
+    for node in &nodes[..2] {
+        let text = metrics_text(node).await;
+        delivered_by_survivors += metric(&text, "orchard_webhook_events_delivered_total");
+    }
+    assert_eq!(
+        delivered_by_survivors, expected as f64,
+        "the two live nodes delivered every event, the killed node's devices' too"
+    );
+    receiver.stop().await;
+}
