@@ -321,17 +321,6 @@ fn webhook_server(receiver_url: &str, extra: &[&str]) -> Server {
     Server::start_with(&args)
 }
 
-fn message(device: &Device, message_type: &str, extra: &[(&str, Value)]) -> Vec<u8> {
-    let mut dict = Dictionary::new();
-    dict.insert("MessageType".into(), message_type.into());
-    dict.insert("UDID".into(), device.udid.clone().into());
-    dict.insert("Topic".into(), TOPIC.into());
-    for (key, value) in extra {
-        dict.insert((*key).into(), value.clone());
-    }
-    to_xml(&dict)
-}
-
 /// What one device sent, in order: the topic of each event it should cause and the body.
 #[derive(Default)]
 struct Sent {
@@ -389,6 +378,44 @@ fn assert_delivered_in_order(posted: &[Posted], device: &Device, sent: &Sent) {
         .collect();
     assert_eq!(got.len(), want.len(), "events of {}", device.udid);
     assert!(got == want, "events of {} out of order", device.udid);
+}
+
+/// Every device enrolls, then connects Idle once per further round (each body distinct),
+/// round after round across the devices; what each sent, and the slowest request.
+async fn traffic(server: &Server, devices: &[Device], rounds: usize) -> (Vec<Sent>, Duration) {
+    let mut sent: Vec<Sent> = devices.iter().map(|_| Sent::default()).collect();
+    let mut slowest = Duration::ZERO;
+    for round in 0..rounds {
+        for (device, sent) in devices.iter().zip(sent.iter_mut()) {
+            let started = Instant::now();
+            if round == 0 {
+                sent.enroll_and_poll(server, device, 0).await;
+            } else {
+                let mut idle: Dictionary = plist::from_bytes(&device.idle()).unwrap();
+                idle.insert("Round".into(), Value::Integer((round as i64).into()));
+                sent.connect(server, device, to_xml(&idle)).await;
+            }
+            slowest = slowest.max(started.elapsed());
+        }
+    }
+    (sent, slowest)
+}
+
+/// Wait for every event sent, then check that each arrived once and each device's in the
+/// order sent; answers how many there were.
+async fn each_once_in_order(
+    receiver: &Receiver,
+    devices: &[Device],
+    sent: &[Sent],
+    within: Duration,
+) -> usize {
+    let expected: usize = sent.iter().map(|s| s.events.len()).sum();
+    let posted = receiver.wait_for(expected, within).await;
+    assert_eq!(posted.len(), expected, "each event once");
+    for (device, sent) in devices.iter().zip(sent) {
+        assert_delivered_in_order(&posted, device, sent);
+    }
+    expected
 }
 
 fn metric(text: &str, name: &str) -> f64 {
@@ -530,18 +557,7 @@ async fn events_recorded_while_the_receiver_is_unreachable_survive_kill9_in_orde
     let devices: Vec<Device> = (0..3)
         .map(|n| Device::new(&server, &format!("WEBHOOK-KILL-{n}")))
         .collect();
-    let mut sent: Vec<Sent> = (0..devices.len()).map(|_| Sent::default()).collect();
-    for round in 0..6 {
-        for (device, sent) in devices.iter().zip(sent.iter_mut()) {
-            if round == 0 {
-                sent.enroll_and_poll(&server, device, 0).await;
-            } else {
-                let mut idle: Dictionary = plist::from_bytes(&device.idle()).unwrap();
-                idle.insert("Round".into(), Value::Integer((round as i64).into()));
-                sent.connect(&server, device, to_xml(&idle)).await;
-            }
-        }
-    }
+    let (sent, _) = traffic(&server, &devices, 6).await;
     // The deliverer has been failing to connect meanwhile; nothing was delivered.
     let text = metrics_text(&server).await;
     assert_eq!(metric(&text, "orchard_webhook_events_delivered_total"), 0.0);
@@ -553,12 +569,7 @@ async fn events_recorded_while_the_receiver_is_unreachable_survive_kill9_in_orde
     server.kill9();
     server.restart();
     let receiver = Receiver::start_on(port);
-    let expected: usize = sent.iter().map(|s| s.events.len()).sum();
-    let posted = receiver.wait_for(expected, Duration::from_secs(30)).await;
-    assert_eq!(posted.len(), expected, "each event once");
-    for (device, sent) in devices.iter().zip(&sent) {
-        assert_delivered_in_order(&posted, device, sent);
-    }
+    let expected = each_once_in_order(&receiver, &devices, &sent, Duration::from_secs(30)).await;
     let text = metrics_text(&server).await;
     assert_eq!(
         metric(&text, "orchard_webhook_events_delivered_total"),
@@ -576,21 +587,7 @@ async fn a_receiver_that_fails_for_a_while_loses_nothing_and_keeps_the_order() {
     let devices: Vec<Device> = (0..4)
         .map(|n| Device::new(&server, &format!("WEBHOOK-OUTAGE-{n}")))
         .collect();
-    let mut sent: Vec<Sent> = (0..devices.len()).map(|_| Sent::default()).collect();
-    let mut slowest = Duration::ZERO;
-    for round in 0..5 {
-        for (device, sent) in devices.iter().zip(sent.iter_mut()) {
-            let started = Instant::now();
-            if round == 0 {
-                sent.enroll_and_poll(&server, device, 0).await;
-            } else {
-                let mut idle: Dictionary = plist::from_bytes(&device.idle()).unwrap();
-                idle.insert("Round".into(), Value::Integer((round as i64).into()));
-                sent.connect(&server, device, to_xml(&idle)).await;
-            }
-            slowest = slowest.max(started.elapsed());
-        }
-    }
+    let (sent, slowest) = traffic(&server, &devices, 5).await;
     assert!(
         slowest < Duration::from_secs(2),
         "device requests never wait for the receiver (slowest {slowest:?})"
@@ -603,12 +600,7 @@ async fn a_receiver_that_fails_for_a_while_loses_nothing_and_keeps_the_order() {
     assert!(receiver.accepted().is_empty());
 
     receiver.failing.store(false, Ordering::SeqCst);
-    let expected: usize = sent.iter().map(|s| s.events.len()).sum();
-    let posted = receiver.wait_for(expected, Duration::from_secs(60)).await;
-    assert_eq!(posted.len(), expected, "each event once");
-    for (device, sent) in devices.iter().zip(&sent) {
-        assert_delivered_in_order(&posted, device, sent);
-    }
+    let expected = each_once_in_order(&receiver, &devices, &sent, Duration::from_secs(60)).await;
     let text = metrics_text(&server).await;
     assert!(metric(&text, "orchard_webhook_retries_total") >= 8.0);
     assert_eq!(
@@ -709,12 +701,7 @@ async fn in_a_cluster_the_owner_posts_its_devices_events_and_a_successor_finishe
     nodes[2].kill9();
     actix_rt::time::sleep(Duration::from_secs(5)).await;
     receiver.failing.store(false, Ordering::SeqCst);
-    let expected: usize = sent.iter().map(|s| s.events.len()).sum();
-    let posted = receiver.wait_for(expected, Duration::from_secs(60)).await;
-    assert_eq!(posted.len(), expected, "each event once, by one node");
-    for (device, sent) in devices.iter().zip(&sent) {
-        assert_delivered_in_order(&posted, device, sent);
-    }
+    let expected = each_once_in_order(&receiver, &devices, &sent, Duration::from_secs(60)).await;
     let mut delivered_by_survivors = 0.0;
     for node in &nodes[..2] {
         let text = metrics_text(node).await;

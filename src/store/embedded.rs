@@ -310,20 +310,7 @@ impl Store for EmbeddedStore {
     async fn enrollment_ids(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<String>> {
         let after = after.map(str::to_owned);
         self.read("enrollment_ids", move |snapshot| {
-            let table = snapshot.open_table(ENROLLMENTS).map_err(backend_error)?;
-            let lower = match &after {
-                Some(after) => Bound::Excluded(after.as_str()),
-                None => Bound::Unbounded,
-            };
-            let rows = table
-                .range::<&str>((lower, Bound::Unbounded))
-                .map_err(backend_error)?;
-            rows.take(limit)
-                .map(|row| {
-                    let (id, _) = row.map_err(backend_error)?;
-                    Ok(id.value().to_owned())
-                })
-                .collect()
+            keys_after(snapshot, ENROLLMENTS, after.as_deref(), limit)
         })
         .await
     }
@@ -557,19 +544,7 @@ impl Store for EmbeddedStore {
     async fn webhook_pending(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<String>> {
         let after = after.map(str::to_owned);
         self.read("webhook_pending", move |snapshot| {
-            let table = snapshot
-                .open_table(WEBHOOK_PENDING)
-                .map_err(backend_error)?;
-            let lower = match &after {
-                Some(after) => Bound::Excluded(after.as_str()),
-                None => Bound::Unbounded,
-            };
-            let rows = table
-                .range::<&str>((lower, Bound::Unbounded))
-                .map_err(backend_error)?;
-            rows.take(limit)
-                .map(|row| Ok(row.map_err(backend_error)?.0.value().to_owned()))
-                .collect()
+            keys_after(snapshot, WEBHOOK_PENDING, after.as_deref(), limit)
         })
         .await
     }
@@ -1346,6 +1321,26 @@ fn read_row<T: DeserializeOwned>(
     value
         .map(|value| decode(kind, key, value.value()))
         .transpose()
+}
+
+/// Keys of a string-keyed table strictly after `after`, in key order, at most `limit`.
+fn keys_after<V: redb::Value + 'static>(
+    snapshot: &ReadTransaction,
+    definition: TableDefinition<&str, V>,
+    after: Option<&str>,
+    limit: usize,
+) -> StoreResult<Vec<String>> {
+    let table = snapshot.open_table(definition).map_err(backend_error)?;
+    let lower = match after {
+        Some(after) => Bound::Excluded(after),
+        None => Bound::Unbounded,
+    };
+    let rows = table
+        .range::<&str>((lower, Bound::Unbounded))
+        .map_err(backend_error)?;
+    rows.take(limit)
+        .map(|row| Ok(row.map_err(backend_error)?.0.value().to_owned()))
+        .collect()
 }
 
 /// The enrollment's queue entries in `seq` order.
