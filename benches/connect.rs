@@ -74,9 +74,11 @@ async fn enrolled_device() -> Fixture {
         "nanomdm/Authenticate.2.plist",
         "nanomdm/TokenUpdate.2.plist",
     ] {
-        let checkin = decode_checkin(&fixture(message)).unwrap();
+        let raw = bytes::Bytes::from(fixture(message));
+        let checkin = decode_checkin(&raw).unwrap();
         let msg = HandleCheckin {
             checkin,
+            raw,
             caller: Caller::Certificate(fingerprint),
         };
         registry.call(UDID, msg).await.unwrap();
@@ -99,7 +101,7 @@ async fn connect_once(fixture: &Fixture, body: &[u8]) -> usize {
             UDID,
             HandleConnect {
                 report,
-                raw: Arc::from(body),
+                raw: bytes::Bytes::copy_from_slice(body),
                 caller: Caller::Certificate(fingerprint),
             },
         )

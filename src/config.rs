@@ -216,6 +216,32 @@ pub struct ServeArgs {
     #[arg(long, env = "ORCHARD_DDM_STALL_AFTER", default_value_t = 120)]
     pub ddm_stall_after: u64,
 
+    /// Post a NanoMDM/MicroMDM-format webhook event for every accepted check-in and
+    /// command report to this http:// or https:// URL (at least once, in order per
+    /// enrollment).
+    #[arg(long, env = "ORCHARD_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+
+    /// Sign every webhook event: `X-Hmac-Signature` = base64 HMAC-SHA256 of the body
+    /// under this key.
+    #[arg(
+        long,
+        env = "ORCHARD_WEBHOOK_HMAC_KEY",
+        hide_env_values = true,
+        requires = "webhook_url"
+    )]
+    pub webhook_hmac_key: Option<String>,
+
+    /// Webhook events not accepted by the receiver within this many seconds of the change
+    /// they report are dropped (counted and logged).
+    #[arg(long, env = "ORCHARD_WEBHOOK_MAX_AGE_SECS", default_value_t = 24 * 3600)]
+    pub webhook_max_age_secs: u64,
+
+    /// Seconds one webhook post may take (connect, send, status line) before it is
+    /// retried.
+    #[arg(long, env = "ORCHARD_WEBHOOK_TIMEOUT_SECS", default_value_t = 10)]
+    pub webhook_timeout_secs: u64,
+
     /// AccessRights in generated enrollment profiles (1..=8191).
     #[arg(long, env = "ORCHARD_ACCESS_RIGHTS", default_value_t = 8191)]
     pub access_rights: u64,
@@ -237,6 +263,14 @@ mod tests {
         assert_eq!(args.data_dir, PathBuf::from("./orchard-data"));
         assert_eq!(args.store, StoreKind::Embedded);
         assert_eq!(args.max_body_bytes, 1024 * 1024);
+    }
+
+    #[test]
+    fn a_webhook_key_without_a_webhook_url_is_refused() {
+        assert!(Cli::try_parse_from(["orchard", "serve", "--webhook-hmac-key", "k"]).is_err());
+        let cli = Cli::try_parse_from(["orchard", "serve", "--webhook-url", "http://h/"]).unwrap();
+        let Command::Serve(args) = cli.command;
+        assert_eq!(args.webhook_max_age_secs, 24 * 3600);
     }
 
     #[test]

@@ -18,3 +18,4 @@ pub mod server;
 pub mod shared_state;
 pub mod store;
 pub mod telemetry;
+pub mod webhook;

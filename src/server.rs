@@ -22,6 +22,8 @@ use crate::store::embedded::EmbeddedStore;
 use crate::store::scylla::{ScyllaConfig, ScyllaStore};
 use crate::store::{Store, StoreError};
 use crate::telemetry;
+use crate::webhook::client::{Client, WebhookUrl};
+use crate::webhook::{Deliverer, WebhookSettings};
 
 const API_KEY_FILE: &str = "api-key";
 
@@ -76,6 +78,7 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
         Some(node) => node.clone(),
         None => Arc::new(ShardMap::single_node("local")),
     };
+    let webhooks = webhook_settings(&args)?;
     let ca = Arc::new(identity_ca(&args, &store)?);
     let mut anchors = vec![ca.ca_cert_der().clone()];
     if let Some(path) = &args.identity_ca {
@@ -128,7 +131,17 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
     actix_web::rt::System::new().block_on(async move {
         publish_push_cert_expiry(&*store).await;
         let catalog = Arc::new(load_catalog(&store).await?);
-        let registry = Registry::new(Arc::clone(&store), catalog, settings, placement);
+        let registry = Registry::new(
+            Arc::clone(&store),
+            catalog,
+            settings,
+            Arc::clone(&placement),
+        );
+        if let Some(webhooks) = webhooks {
+            let notifier = Deliverer::start(Arc::clone(&store), placement, webhooks)
+                .map_err(|e| fail("webhook deliverer", e))?;
+            registry.record_webhooks(notifier);
+        }
         let forwarder = match (&cluster, &args.cluster_secret) {
             (Some(node), Some(secret)) => {
                 let forwarder = Forwarder::new(node.clone(), secret);
@@ -372,6 +385,24 @@ async fn sweep_repushes(
             tracing::warn!(error = %e, "re-push sweep failed");
         }
     }
+}
+
+/// `--webhook-*`, when `--webhook-url` is set.
+fn webhook_settings(args: &ServeArgs) -> Result<Option<WebhookSettings>, StartupError> {
+    let Some(url) = &args.webhook_url else {
+        return Ok(None);
+    };
+    let url = WebhookUrl::parse(url).map_err(|e| fail("--webhook-url", e))?;
+    let key = args
+        .webhook_hmac_key
+        .as_ref()
+        .map(|k| k.as_bytes().to_vec());
+    let timeout = Duration::from_secs(args.webhook_timeout_secs.max(1));
+    let client = Client::new(url, key, timeout).map_err(|e| fail("--webhook-url", e))?;
+    Ok(Some(WebhookSettings {
+        client,
+        max_age: Duration::from_secs(args.webhook_max_age_secs.max(1)),
+    }))
 }
 
 fn apns_settings(args: &ServeArgs) -> Result<ApnsSettings, StartupError> {

@@ -8,17 +8,6 @@ use plist::{Dictionary, Value};
 
 const UDID: &str = "66ADE930-5FDF-5EC4-8429-15640684C489";
 
-fn message(device: &Device, message_type: &str, extra: &[(&str, Value)]) -> Vec<u8> {
-    let mut dict = Dictionary::new();
-    dict.insert("MessageType".into(), message_type.into());
-    dict.insert("UDID".into(), device.udid.clone().into());
-    dict.insert("Topic".into(), TOPIC.into());
-    for (key, value) in extra {
-        dict.insert((*key).into(), value.clone());
-    }
-    to_xml(&dict)
-}
-
 #[actix_rt::test]
 async fn authenticate_then_token_update_makes_the_device_pushable() {
     let server = Server::start();

@@ -17,7 +17,7 @@ use orchard::store::scylla::{ScyllaConfig, ScyllaStore};
 use orchard::store::{
     CommandResult, DdmRecord, DeclarationRecord, DeclarationSet, DeviceRecords, EnrollmentKind,
     EnrollmentRecord, Mutation, PushCertRecord, PushInfo, QueueEntry, ResultStatus, Store,
-    StoreError, StoredCommand, StoredReport, WakeEntry,
+    StoreError, StoredCommand, StoredReport, WakeEntry, WebhookEvent,
 };
 
 /// A fresh, empty storage location that can be opened (and reopened) as a store.
@@ -146,6 +146,10 @@ macro_rules! conformance_suite {
                 unknown_keys_read_as_absent,
                 a_claim_keeps_the_first_value,
                 shared_versions_change_with_the_catalog_and_push_certificates_only,
+                a_webhook_outbox_is_read_in_order_until_its_events_are_removed,
+                a_webhook_event_is_written_with_its_change_or_not_at_all,
+                enrollments_with_pending_webhook_events_page_visiting_each_once,
+                an_enrollment_stays_pending_while_a_later_event_waits,
             );
         }
     };
@@ -687,6 +691,134 @@ mod cases {
         );
     }
 
+    pub async fn a_webhook_outbox_is_read_in_order_until_its_events_are_removed<B: Backend>(
+        backend: B,
+    ) {
+        let store = backend.open().await;
+        apply(
+            &store,
+            vec![put_event("device-1", 1_000), put_event("device-1", 2_000)],
+        )
+        .await;
+        apply(&store, vec![put_event("device-1", 3_000)]).await;
+        apply(&store, vec![put_event("device-2", 5_000)]).await;
+        drop(store);
+        let store = backend.open().await;
+        let read = store.webhook_events("device-1", 10).await.unwrap();
+        assert_eq!(event_seqs(&read), [1_000, 2_000, 3_000]);
+        assert_eq!(read[0], webhook_event(1_000), "an event reads back whole");
+        let first_two = store.webhook_events("device-1", 2).await.unwrap();
+        assert_eq!(event_seqs(&first_two), [1_000, 2_000]);
+        assert_eq!(
+            store.device("device-1").await.unwrap().webhook_next_seq,
+            3_001,
+            "the next sequence is past every event ever written"
+        );
+
+        apply(&store, vec![remove_event("device-1", 1_000)]).await;
+        let read = store.webhook_events("device-1", 10).await.unwrap();
+        assert_eq!(event_seqs(&read), [2_000, 3_000]);
+        apply(
+            &store,
+            vec![
+                remove_event("device-1", 2_000),
+                remove_event("device-1", 3_000),
+            ],
+        )
+        .await;
+        assert!(store
+            .webhook_events("device-1", 10)
+            .await
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            store.webhook_pending(None, 10).await.unwrap(),
+            ["device-2"],
+            "a drained outbox leaves the index"
+        );
+        assert_eq!(
+            store.device("device-1").await.unwrap().webhook_next_seq,
+            3_001,
+            "removing events never lowers the next sequence"
+        );
+    }
+
+    pub async fn a_webhook_event_is_written_with_its_change_or_not_at_all<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        apply(
+            &store,
+            vec![
+                Mutation::PutEnrollment(enrollment("device-1")),
+                put_event("device-1", 1_000),
+            ],
+        )
+        .await;
+        assert!(store.enrollment("device-1").await.unwrap().is_some());
+        assert_eq!(
+            event_seqs(&store.webhook_events("device-1", 10).await.unwrap()),
+            [1_000]
+        );
+
+        apply(&store, vec![bind([9; 32], "device-1")]).await;
+        let refused = store
+            .apply(vec![
+                bind([9; 32], "device-2"),
+                Mutation::PutEnrollment(enrollment("device-2")),
+                put_event("device-2", 2_000),
+            ])
+            .await;
+        assert!(matches!(refused, Err(StoreError::Conflict(_))));
+        assert!(store.enrollment("device-2").await.unwrap().is_none());
+        assert!(store
+            .webhook_events("device-2", 10)
+            .await
+            .unwrap()
+            .is_empty());
+        assert_eq!(store.webhook_pending(None, 10).await.unwrap(), ["device-1"]);
+    }
+
+    pub async fn enrollments_with_pending_webhook_events_page_visiting_each_once<B: Backend>(
+        backend: B,
+    ) {
+        let store = backend.open().await;
+        let ids: Vec<String> = (0..30).map(|n| format!("device-{n}")).collect();
+        for (n, id) in ids.iter().enumerate() {
+            let seq = 1_000 + n as u64;
+            apply(&store, vec![put_event(id, seq), put_event(id, seq + 100)]).await;
+        }
+        let all = store.webhook_pending(None, 100).await.unwrap();
+        assert_eq!(sorted(&all), sorted(&ids), "each enrollment once");
+        let mut paged = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = store.webhook_pending(after.as_deref(), 7).await.unwrap();
+            assert!(page.len() <= 7);
+            if page.is_empty() {
+                break;
+            }
+            after = page.last().cloned();
+            paged.extend(page);
+        }
+        assert_eq!(paged, all, "pages of 7 walk the same order as one page");
+    }
+
+    pub async fn an_enrollment_stays_pending_while_a_later_event_waits<B: Backend>(backend: B) {
+        let store = backend.open().await;
+        apply(&store, vec![put_event("device-1", 1_000)]).await;
+        apply(&store, vec![put_event("device-1", 2_000)]).await;
+        apply(&store, vec![remove_event("device-1", 1_000)]).await;
+        assert_eq!(store.webhook_pending(None, 10).await.unwrap(), ["device-1"]);
+
+        apply(&store, vec![remove_event("device-1", 2_000)]).await;
+        assert!(store.webhook_pending(None, 10).await.unwrap().is_empty());
+        apply(&store, vec![put_event("device-1", 3_000)]).await;
+        assert_eq!(
+            store.webhook_pending(None, 10).await.unwrap(),
+            ["device-1"],
+            "an event after a drained outbox lists the enrollment again"
+        );
+    }
+
     pub async fn a_claim_keeps_the_first_value<B: Backend>(backend: B) {
         let store = backend.open().await;
         let first = store.claim("identity-ca", b"first".to_vec()).await.unwrap();
@@ -1025,6 +1157,32 @@ fn remove_entry(enrollment_id: &str, seq: u64, pending_from: u64) -> Mutation {
         seq,
         pending_from,
     }
+}
+
+fn webhook_event(seq: u64) -> WebhookEvent {
+    WebhookEvent {
+        seq,
+        created_at_ms: seq as i64,
+        body: format!("{{\"topic\":\"mdm.Connect\",\"seq\":{seq}}}").into_bytes(),
+    }
+}
+
+fn put_event(enrollment_id: &str, seq: u64) -> Mutation {
+    Mutation::PutWebhookEvent {
+        enrollment_id: enrollment_id.to_string(),
+        event: webhook_event(seq),
+    }
+}
+
+fn remove_event(enrollment_id: &str, seq: u64) -> Mutation {
+    Mutation::RemoveWebhookEvent {
+        enrollment_id: enrollment_id.to_string(),
+        seq,
+    }
+}
+
+fn event_seqs(events: &[WebhookEvent]) -> Vec<u64> {
+    events.iter().map(|e| e.seq).collect()
 }
 
 fn sorted(ids: &[String]) -> Vec<String> {

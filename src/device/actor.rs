@@ -22,8 +22,9 @@ use crate::protocol::ids::Channel;
 use crate::push::PushTarget;
 use crate::store::{
     CertFingerprint, CommandResult, EnrollmentRecord, Mutation, PushInfo, QueueEntry, ResultStatus,
-    StoredCommand,
+    StoredCommand, WebhookEvent,
 };
+use crate::webhook::event::Draft;
 
 /// Persist `last_seen` at most this often while the device keeps connecting.
 const LAST_SEEN_FLUSH_SECS: i64 = 300;
@@ -46,6 +47,9 @@ pub struct DeviceActor {
     incarnation: u64,
     last_active: Arc<AtomicU64>,
     state: State,
+    /// The webhook event of the device message being handled (webhooks on): the next
+    /// write adds it to the outbox; a message that writes nothing writes it alone.
+    webhook_draft: Option<Draft>,
 }
 
 enum State {
@@ -71,6 +75,8 @@ pub(super) struct Loaded {
     /// What the fleet tally counts for this enrollment: the facts of its rows as last
     /// durably written.
     counted: Counted,
+    /// The sequence of this enrollment's next webhook event.
+    webhook_next_seq: u64,
 }
 
 impl DeviceActor {
@@ -86,6 +92,7 @@ impl DeviceActor {
             incarnation,
             last_active,
             state: State::Loading,
+            webhook_draft: None,
         }
     }
 
@@ -142,6 +149,10 @@ impl DeviceActor {
             _ => None,
         });
         let tallied = self.tally_before_write(&batch);
+        let mut batch = batch;
+        let event = self.webhook_event();
+        let recorded_event = event.is_some();
+        batch.extend(event);
         let store = Arc::clone(self.registry.store());
         let write = async move { store.apply(batch).await };
         Box::pin(write.into_actor(self).map(
@@ -151,6 +162,9 @@ impl DeviceActor {
                 Ok(()) => {
                     if let (Some(last_seen), Ok(loaded)) = (written_last_seen, act.loaded()) {
                         loaded.persisted_last_seen = last_seen;
+                    }
+                    if let Some(notifier) = act.registry.webhooks().filter(|_| recorded_event) {
+                        notifier.queued(&act.id);
                     }
                     Ok(reply)
                 }
@@ -234,6 +248,35 @@ impl DeviceActor {
         AtomicResponse::new(Box::pin(ready(result)))
     }
 
+    /// Answer a device message that changed nothing durable: at once, or, when its
+    /// webhook event is still to be recorded, after writing the event alone.
+    pub(super) fn answer<T: 'static>(&mut self, result: Result<T, DeviceError>) -> Reply<T> {
+        match result {
+            Ok(reply) if self.webhook_draft.is_some() => self.commit(Vec::new(), reply),
+            result => Self::immediate(result),
+        }
+    }
+
+    /// The pending webhook draft as an outbox event, numbered after every event this
+    /// enrollment ever recorded.
+    fn webhook_event(&mut self) -> Option<Mutation> {
+        let draft = self.webhook_draft.take()?;
+        let id = self.id.clone();
+        let loaded = self.loaded().ok()?;
+        let seq = (now_millis() * 1000).max(loaded.webhook_next_seq);
+        loaded.webhook_next_seq = seq + 1;
+        let created_at = time::OffsetDateTime::now_utc();
+        let body = draft.render(&uuid::Uuid::new_v4().to_string(), created_at);
+        Some(Mutation::PutWebhookEvent {
+            enrollment_id: id,
+            event: WebhookEvent {
+                seq,
+                created_at_ms: (created_at.unix_timestamp_nanos() / 1_000_000) as i64,
+                body,
+            },
+        })
+    }
+
     fn see(&mut self) {
         if let Ok(loaded) = self.loaded() {
             loaded.push_requested_at = None;
@@ -275,6 +318,8 @@ impl DeviceActor {
     ) -> Reply<CheckinReply> {
         let store = Arc::clone(self.registry.store());
         let lookup = async move { store.cert_binding(&fingerprint).await };
+        // The event is recorded by the write that follows the lookup.
+        let draft = self.webhook_draft.take();
         AtomicResponse::new(Box::pin(lookup.into_actor(self).then(
             move |bound, act, _| match bound {
                 Ok(Some(other)) if other != act.id => {
@@ -282,7 +327,12 @@ impl DeviceActor {
                         as ResponseActFuture<Self, _>
                 }
                 Err(e) => Box::pin(ready(Err(e.into()))),
-                Ok(_) => act.reenroll(channel, message, fingerprint),
+                Ok(_) => {
+                    act.webhook_draft = draft;
+                    let reenrolled = act.reenroll(channel, message, fingerprint);
+                    act.webhook_draft = None;
+                    reenrolled
+                }
             },
         )))
     }
@@ -376,9 +426,13 @@ impl DeviceActor {
         record.awaiting_configuration = message.awaiting_configuration;
         record.token_update_count += 1;
         record.last_seen = now;
+        let tally = record.token_update_count;
         let enrolled_just_now = record.token_update_count == 1;
         let mut batch = vec![Mutation::PutEnrollment(record.clone())];
         let has_declarations = !loaded.ddm.sets.is_empty();
+        if let Some(draft) = &mut self.webhook_draft {
+            draft.token_update_tally = Some(tally);
+        }
         if enrolled_just_now && has_declarations {
             // A (re-)enrolled device has no DDM state: start a sync right away.
             if let Err(e) = self.queue_sync_command(&SyncCommand::WithTokens, &mut batch) {
@@ -476,7 +530,7 @@ impl DeviceActor {
     fn connect(
         &mut self,
         report: ConnectReport,
-        raw: Arc<[u8]>,
+        raw: bytes::Bytes,
     ) -> Reply<Option<Arc<StoredCommand>>> {
         self.see();
         let Some(command_uuid) = report.command_uuid else {
@@ -569,7 +623,7 @@ impl DeviceActor {
             }
         }
         if batch.is_empty() {
-            Self::immediate(Ok(next))
+            self.answer(Ok(next))
         } else {
             self.commit(batch, next)
         }
@@ -700,10 +754,11 @@ impl DeviceActor {
                 CommandQueue::from_pending(pending, records.queue_floor),
                 ddm,
                 facts,
+                records.webhook_next_seq,
             ))
         };
         ctx.wait(load.into_actor(self).map(|loaded, act, ctx| match loaded {
-            Ok((record, queue, ddm, facts)) => {
+            Ok((record, queue, ddm, facts, webhook_next_seq)) => {
                 metrics::gauge!("orchard_queue_depth").increment(queue.len() as f64);
                 let counted = act.registry.tally().activated(&act.id, facts);
                 act.state = State::Ready(Box::new(Loaded {
@@ -715,6 +770,7 @@ impl DeviceActor {
                     record,
                     queue,
                     counted,
+                    webhook_next_seq,
                 }));
             }
             Err(e) => {
@@ -807,7 +863,23 @@ impl Handler<HandleCheckin> for DeviceActor {
 
     fn handle(&mut self, msg: HandleCheckin, _: &mut Context<Self>) -> Self::Result {
         self.touch();
-        let HandleCheckin { checkin, caller } = msg;
+        let HandleCheckin {
+            checkin,
+            raw,
+            caller,
+        } = msg;
+        if self.registry.webhooks().is_some() {
+            self.webhook_draft = Some(Draft::checkin(&checkin.message, &checkin.channel, raw));
+        }
+        let reply = self.handle_checkin(checkin, caller);
+        // A message refused before any write records no event.
+        self.webhook_draft = None;
+        reply
+    }
+}
+
+impl DeviceActor {
+    fn handle_checkin(&mut self, checkin: checkin::Checkin, caller: Caller) -> Reply<CheckinReply> {
         if let CheckinMessage::Authenticate(message) = checkin.message {
             return match caller {
                 Caller::Certificate(fingerprint) => {
@@ -835,10 +907,12 @@ impl Handler<HandleCheckin> for DeviceActor {
                 self.set_bootstrap_token(&channel, message.token, message.awaiting_configuration)
             }
             CheckinMessage::GetBootstrapToken(_) => {
-                Self::immediate(self.get_bootstrap_token(&channel))
+                let token = self.get_bootstrap_token(&channel);
+                self.answer(token)
             }
             CheckinMessage::UserAuthenticate(message) => {
-                Self::immediate(self.user_authenticate(message.digest_response))
+                let challenge = self.user_authenticate(message.digest_response);
+                self.answer(challenge)
             }
             CheckinMessage::GetToken(message) => {
                 Self::immediate(Err(DeviceError::NoTokenService(message.service_type)))
@@ -858,7 +932,17 @@ impl Handler<HandleConnect> for DeviceActor {
         if let Err(e) = self.authorize(msg.caller) {
             return Self::immediate(Err(e));
         }
-        self.connect(msg.report, msg.raw)
+        if self.registry.webhooks().is_some() {
+            self.webhook_draft = Some(Draft::connect(
+                &msg.report.channel,
+                msg.report.status.as_str(),
+                msg.report.command_uuid.as_deref(),
+                msg.raw.clone(),
+            ));
+        }
+        let reply = self.connect(msg.report, msg.raw);
+        self.webhook_draft = None;
+        reply
     }
 }
 

@@ -89,7 +89,7 @@ impl DeviceActor {
         };
         loaded.ddm_dirty = true;
         tracing::debug!(enrollment_id = %id, endpoint = %endpoint, "DDM request answered");
-        Self::immediate(reply)
+        self.answer(reply)
     }
 
     /// Status reports are acknowledged data: merged, and kept raw in the report history,

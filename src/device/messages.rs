@@ -33,6 +33,8 @@ pub struct Authorize(pub CertFingerprint);
 #[rtype(result = "Result<CheckinReply, DeviceError>")]
 pub struct HandleCheckin {
     pub checkin: Checkin,
+    /// The exact body, for the webhook event.
+    pub raw: bytes::Bytes,
     pub caller: Caller,
 }
 
@@ -52,8 +54,8 @@ pub enum CheckinReply {
 #[rtype(result = "Result<Option<Arc<StoredCommand>>, DeviceError>")]
 pub struct HandleConnect {
     pub report: ConnectReport,
-    /// The exact body, stored as the command result.
-    pub raw: Arc<[u8]>,
+    /// The exact body, stored as the command result and sent in the webhook event.
+    pub raw: bytes::Bytes,
     pub caller: Caller,
 }
 

@@ -150,6 +150,8 @@ pub struct Registry {
     tally: FleetTally,
     /// The other nodes of a cluster, for actors not served here.
     peers: std::sync::OnceLock<Arc<dyn Peers>>,
+    /// Set when webhooks are on: actors record events and tell the deliverer.
+    webhooks: std::sync::OnceLock<crate::webhook::Notifier>,
 }
 
 impl Registry {
@@ -170,7 +172,19 @@ impl Registry {
             bodies: DashMap::new(),
             tally,
             peers: std::sync::OnceLock::new(),
+            webhooks: std::sync::OnceLock::new(),
         })
+    }
+
+    /// From now on, actors record a webhook event for every accepted message and tell
+    /// `notifier` once it is durable (set once, at startup).
+    pub fn record_webhooks(&self, notifier: crate::webhook::Notifier) {
+        let _ = self.webhooks.set(notifier);
+    }
+
+    /// The deliverer to tell, when webhooks are on.
+    pub(crate) fn webhooks(&self) -> Option<&crate::webhook::Notifier> {
+        self.webhooks.get()
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

@@ -1,6 +1,5 @@
 //! Device-facing endpoints: check-in, connect (command queue) and the enrollment profile.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use actix_web::http::{header, StatusCode};
@@ -103,7 +102,7 @@ pub async fn serve(
             let id = checkin.channel.id.clone();
             match forward(state, &id, hop, endpoint, fingerprint, &body).await? {
                 Some(answer) => Ok(answer),
-                None => handle_checkin(checkin, fingerprint, state).await,
+                None => handle_checkin(checkin, body, fingerprint, state).await,
             }
         }
         DeviceEndpoint::Connect => match decode_connect(&body) {
@@ -182,6 +181,7 @@ async fn caller_for(
 
 async fn handle_checkin(
     checkin: Checkin,
+    raw: web::Bytes,
     fingerprint: CertFingerprint,
     state: &AppState,
 ) -> Result<HttpResponse, Rejection> {
@@ -189,13 +189,14 @@ async fn handle_checkin(
     let span = tracing::info_span!("checkin", enrollment_id = %checkin.channel.id, message_type);
     // Instrumented, not entered: a guard held across an await would leave the span
     // entered on the worker thread for whatever request runs there next.
-    checkin_in_span(checkin, fingerprint, state, message_type)
+    checkin_in_span(checkin, raw, fingerprint, state, message_type)
         .instrument(span)
         .await
 }
 
 async fn checkin_in_span(
     checkin: Checkin,
+    raw: web::Bytes,
     fingerprint: CertFingerprint,
     state: &AppState,
     message_type: &'static str,
@@ -205,7 +206,14 @@ async fn checkin_in_span(
     let id = checkin.channel.id.clone();
     let reply = state
         .registry
-        .call(&id, HandleCheckin { checkin, caller })
+        .call(
+            &id,
+            HandleCheckin {
+                checkin,
+                raw,
+                caller,
+            },
+        )
         .await
         .map_err(Rejection::from_device)?;
     metrics::counter!("orchard_checkin_messages_total", "message_type" => message_type)
@@ -241,7 +249,7 @@ async fn handle_connect(
             &id,
             HandleConnect {
                 report,
-                raw: Arc::from(&body[..]),
+                raw: body,
                 caller,
             },
         )

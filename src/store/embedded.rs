@@ -41,6 +41,7 @@ use super::{
     CertFingerprint, CommandResult, DdmRecord, DeclarationRecord, DeclarationSet, DeviceRecords,
     EnrollmentFilter, EnrollmentRecord, FleetRows, Mutation, PushCertRecord, QueueEntry,
     SharedVersions, Store, StoreError, StoreResult, StoredCommand, StoredReport, WakeEntry,
+    WebhookEvent,
 };
 
 /// Page cache unless configured (redb's own default is 1 GiB).
@@ -92,6 +93,12 @@ const DDM_REPORTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("d
 const CLAIMS: TableDefinition<&str, &[u8]> = TableDefinition::new("claims");
 /// A counter per kind of shared state, raised by every write of that kind.
 const VERSIONS: TableDefinition<&str, u64> = TableDefinition::new("versions");
+/// (enrollment id, seq) -> postcard [`WebhookEvent`]: each enrollment's outbox in order.
+const WEBHOOK_EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("webhook_events");
+/// enrollment id -> (): enrollments whose outbox is not empty, kept exact by the writer.
+const WEBHOOK_PENDING: TableDefinition<&str, ()> = TableDefinition::new("webhook_pending");
+/// enrollment id -> one past the highest event sequence ever written.
+const WEBHOOK_NEXT: TableDefinition<&str, u64> = TableDefinition::new("webhook_next");
 
 /// The embedded, single-node [`Store`].
 pub struct EmbeddedStore {
@@ -304,20 +311,7 @@ impl Store for EmbeddedStore {
     async fn enrollment_ids(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<String>> {
         let after = after.map(str::to_owned);
         self.read("enrollment_ids", move |snapshot| {
-            let table = snapshot.open_table(ENROLLMENTS).map_err(backend_error)?;
-            let lower = match &after {
-                Some(after) => Bound::Excluded(after.as_str()),
-                None => Bound::Unbounded,
-            };
-            let rows = table
-                .range::<&str>((lower, Bound::Unbounded))
-                .map_err(backend_error)?;
-            rows.take(limit)
-                .map(|row| {
-                    let (id, _) = row.map_err(backend_error)?;
-                    Ok(id.value().to_owned())
-                })
-                .collect()
+            keys_after(snapshot, ENROLLMENTS, after.as_deref(), limit)
         })
         .await
     }
@@ -487,6 +481,11 @@ impl Store for EmbeddedStore {
                 // Removed entries leave no markers here: reads need no floor.
                 queue_floor: 0,
                 ddm: read_ddm(snapshot, &id)?,
+                webhook_next_seq: {
+                    let table = snapshot.open_table(WEBHOOK_NEXT).map_err(backend_error)?;
+                    let next = table.get(id.as_str()).map_err(backend_error)?;
+                    next.map_or(0, |n| n.value())
+                },
             })
         })
         .await
@@ -541,6 +540,35 @@ impl Store for EmbeddedStore {
     async fn push_certs(&self) -> StoreResult<Vec<PushCertRecord>> {
         self.read("push_certs", |snapshot| {
             decode_all(snapshot, PUSH_CERTS, "push certificate")
+        })
+        .await
+    }
+
+    async fn webhook_pending(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<String>> {
+        let after = after.map(str::to_owned);
+        self.read("webhook_pending", move |snapshot| {
+            keys_after(snapshot, WEBHOOK_PENDING, after.as_deref(), limit)
+        })
+        .await
+    }
+
+    async fn webhook_events(
+        &self,
+        enrollment_id: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<WebhookEvent>> {
+        let id = enrollment_id.to_owned();
+        self.read("webhook_events", move |snapshot| {
+            let table = snapshot.open_table(WEBHOOK_EVENTS).map_err(backend_error)?;
+            let rows = table
+                .range((id.as_str(), 0u64)..=(id.as_str(), u64::MAX))
+                .map_err(backend_error)?;
+            rows.take(limit)
+                .map(|row| {
+                    let (_, value) = row.map_err(backend_error)?;
+                    decode("webhook event", &id, value.value())
+                })
+                .collect()
         })
         .await
     }
@@ -664,6 +692,15 @@ enum EncodedMutation {
         value: Vec<u8>,
         keep: usize,
     },
+    PutWebhookEvent {
+        enrollment_id: String,
+        seq: u64,
+        value: Vec<u8>,
+    },
+    RemoveWebhookEvent {
+        enrollment_id: String,
+        seq: u64,
+    },
 }
 
 /// The string-keyed blob tables written whole.
@@ -777,6 +814,17 @@ impl EncodedMutation {
                 value: encode(&report)?,
                 keep,
             },
+            Mutation::PutWebhookEvent {
+                enrollment_id,
+                event,
+            } => EncodedMutation::PutWebhookEvent {
+                value: encode(&event)?,
+                enrollment_id,
+                seq: event.seq,
+            },
+            Mutation::RemoveWebhookEvent { enrollment_id, seq } => {
+                EncodedMutation::RemoveWebhookEvent { enrollment_id, seq }
+            }
         })
     }
 
@@ -818,7 +866,13 @@ impl EncodedMutation {
                 enrollment_id,
                 value,
                 ..
+            }
+            | EncodedMutation::PutWebhookEvent {
+                enrollment_id,
+                value,
+                ..
             } => enrollment_id.len() + 8 + value.len(),
+            EncodedMutation::RemoveWebhookEvent { enrollment_id, .. } => enrollment_id.len() + 8,
         }
     }
 }
@@ -939,6 +993,9 @@ struct WriteTables<'txn> {
     ddm_reports: Table<'txn, (&'static str, u64), &'static [u8]>,
     claims: Table<'txn, &'static str, &'static [u8]>,
     versions: Table<'txn, &'static str, u64>,
+    webhook_events: Table<'txn, (&'static str, u64), &'static [u8]>,
+    webhook_pending: Table<'txn, &'static str, ()>,
+    webhook_next: Table<'txn, &'static str, u64>,
 }
 
 impl<'txn> WriteTables<'txn> {
@@ -969,6 +1026,15 @@ impl<'txn> WriteTables<'txn> {
             ddm_reports: transaction.open_table(DDM_REPORTS).map_err(backend_error)?,
             claims: transaction.open_table(CLAIMS).map_err(backend_error)?,
             versions: transaction.open_table(VERSIONS).map_err(backend_error)?,
+            webhook_events: transaction
+                .open_table(WEBHOOK_EVENTS)
+                .map_err(backend_error)?,
+            webhook_pending: transaction
+                .open_table(WEBHOOK_PENDING)
+                .map_err(backend_error)?,
+            webhook_next: transaction
+                .open_table(WEBHOOK_NEXT)
+                .map_err(backend_error)?,
         })
     }
 
@@ -1101,6 +1167,48 @@ impl<'txn> WriteTables<'txn> {
                 value,
                 keep,
             } => self.append_report(enrollment_id, value, *keep)?,
+            EncodedMutation::PutWebhookEvent {
+                enrollment_id,
+                seq,
+                value,
+            } => self.put_webhook_event(enrollment_id, *seq, value)?,
+            EncodedMutation::RemoveWebhookEvent { enrollment_id, seq } => {
+                self.remove_webhook_event(enrollment_id, *seq)?
+            }
+        }
+        Ok(())
+    }
+
+    /// Outbox row, index entry and the next sequence, all in this transaction.
+    fn put_webhook_event(&mut self, id: &str, seq: u64, value: &[u8]) -> StoreResult<()> {
+        self.webhook_events
+            .insert((id, seq), value)
+            .map_err(backend_error)?;
+        self.webhook_pending.insert(id, ()).map_err(backend_error)?;
+        let next = self
+            .webhook_next
+            .get(id)
+            .map_err(backend_error)?
+            .map_or(0, |n| n.value());
+        self.webhook_next
+            .insert(id, next.max(seq + 1))
+            .map_err(backend_error)?;
+        Ok(())
+    }
+
+    /// Remove the event; the index entry goes with the outbox's last event.
+    fn remove_webhook_event(&mut self, id: &str, seq: u64) -> StoreResult<()> {
+        self.webhook_events
+            .remove((id, seq))
+            .map_err(backend_error)?;
+        let drained = self
+            .webhook_events
+            .range((id, 0u64)..=(id, u64::MAX))
+            .map_err(backend_error)?
+            .next()
+            .is_none();
+        if drained {
+            self.webhook_pending.remove(id).map_err(backend_error)?;
         }
         Ok(())
     }
@@ -1216,6 +1324,26 @@ fn read_row<T: DeserializeOwned>(
     value
         .map(|value| decode(kind, key, value.value()))
         .transpose()
+}
+
+/// Keys of a string-keyed table strictly after `after`, in key order, at most `limit`.
+fn keys_after<V: redb::Value + 'static>(
+    snapshot: &ReadTransaction,
+    definition: TableDefinition<&str, V>,
+    after: Option<&str>,
+    limit: usize,
+) -> StoreResult<Vec<String>> {
+    let table = snapshot.open_table(definition).map_err(backend_error)?;
+    let lower = match after {
+        Some(after) => Bound::Excluded(after),
+        None => Bound::Unbounded,
+    };
+    let rows = table
+        .range::<&str>((lower, Bound::Unbounded))
+        .map_err(backend_error)?;
+    rows.take(limit)
+        .map(|row| Ok(row.map_err(backend_error)?.0.value().to_owned()))
+        .collect()
 }
 
 /// The enrollment's queue entries in `seq` order.

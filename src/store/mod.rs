@@ -189,6 +189,19 @@ pub struct DeclarationSet {
     pub declarations: Vec<String>,
 }
 
+/// A webhook event waiting in an enrollment's outbox (`src/webhook/`): recorded in the
+/// same batch as the change it reports, removed once the receiver accepted it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookEvent {
+    /// Per-enrollment strictly increasing: the delivery order. Never reused, also across
+    /// actor incarnations ([`DeviceRecords::webhook_next_seq`]).
+    pub seq: u64,
+    /// Unix milliseconds of the change, for the age bound and the delivery latency.
+    pub created_at_ms: i64,
+    /// The exact JSON body posted to the receiver (retries send the same bytes).
+    pub body: Vec<u8>,
+}
+
 /// One write in an atomic, durable batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Mutation {
@@ -273,6 +286,18 @@ pub enum Mutation {
         report: StoredReport,
         keep: usize,
     },
+    /// Add an event to the enrollment's webhook outbox (and the enrollment to the index
+    /// of enrollments with pending events).
+    PutWebhookEvent {
+        enrollment_id: String,
+        event: WebhookEvent,
+    },
+    /// The receiver accepted the event: remove it (and the enrollment from the index once
+    /// its outbox is empty).
+    RemoveWebhookEvent {
+        enrollment_id: String,
+        seq: u64,
+    },
 }
 
 /// Everything an enrollment's actor loads when it activates, read from one snapshot so
@@ -287,6 +312,10 @@ pub struct DeviceRecords {
     /// the actor never allocates a sequence number below it.
     pub queue_floor: u64,
     pub ddm: DdmRecord,
+    /// One past the sequence of the last webhook event written for the enrollment (0 if
+    /// none; the actor writes them in increasing order): it numbers its next event at or
+    /// above it.
+    pub webhook_next_seq: u64,
 }
 
 /// An enrollment's DDM rows, encoded by the DDM layer. They are split by how often they
@@ -417,6 +446,19 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<(String, FleetRows)>>;
     /// The enrollment's kept raw status reports, oldest first.
     async fn ddm_reports(&self, enrollment_id: &str) -> StoreResult<Vec<StoredReport>>;
+    /// Enrollments whose webhook outbox holds events, in the store's page order (as for
+    /// [`Store::enrollment_ids`]), strictly after `after`, at most `limit`: an index, so
+    /// finding them after a restart reads no other enrollment.
+    async fn webhook_pending(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<String>>;
+    /// The oldest (lowest `seq`) events of the enrollment's webhook outbox, at most
+    /// `limit`. An enrollment listed by [`Store::webhook_pending`] whose outbox turns out
+    /// empty (a crash between the index write and the event's) is dropped from the index
+    /// by this read.
+    async fn webhook_events(
+        &self,
+        enrollment_id: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<WebhookEvent>>;
     /// Whether the store answers now (readiness), at the cost of one small read.
     async fn ping(&self) -> StoreResult<()>;
     /// Store `value` under `name` unless a value is there already; answers the value that

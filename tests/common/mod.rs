@@ -482,6 +482,18 @@ pub async fn ddm(
     )
 }
 
+/// A check-in message of `device` (its UDID, the test topic) with `extra` keys.
+pub fn message(device: &Device, message_type: &str, extra: &[(&str, Value)]) -> Vec<u8> {
+    let mut dict = Dictionary::new();
+    dict.insert("MessageType".into(), message_type.into());
+    dict.insert("UDID".into(), device.udid.clone().into());
+    dict.insert("Topic".into(), TOPIC.into());
+    for (key, value) in extra {
+        dict.insert((*key).into(), value.clone());
+    }
+    to_xml(&dict)
+}
+
 /// A fresh server with one device that has sent Authenticate and TokenUpdate.
 pub async fn enrolled_device(udid: &str) -> (Server, Device) {
     let server = Server::start();

@@ -52,6 +52,7 @@ use super::{
     CertFingerprint, CommandResult, DeclarationRecord, DeclarationSet, DeviceRecords,
     EnrollmentFilter, EnrollmentRecord, FleetRows, Mutation, PushCertRecord, QueueEntry,
     SharedVersions, Store, StoreError, StoreResult, StoredCommand, StoredReport, WakeEntry,
+    WebhookEvent,
 };
 use crate::cluster::WriteFence;
 
@@ -502,6 +503,18 @@ impl Store for ScyllaStore {
         let mut reports = self.read_reports(enrollment_id).await?;
         reports.sort_by_key(|(_, report)| report.number);
         Ok(reports.into_iter().map(|(_, r)| r.report).collect())
+    }
+
+    async fn webhook_pending(&self, after: Option<&str>, limit: usize) -> StoreResult<Vec<String>> {
+        self.page_webhook_pending(after, limit).await
+    }
+
+    async fn webhook_events(
+        &self,
+        enrollment_id: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<WebhookEvent>> {
+        self.read_webhook_events(enrollment_id, limit).await
     }
 
     async fn ping(&self) -> StoreResult<()> {

@@ -12,7 +12,7 @@ use super::rows::{self, section, NumberedReport};
 use super::{backend, ScyllaStore};
 use crate::store::{
     CommandResult, DdmRecord, DeviceRecords, EnrollmentRecord, FleetRows, QueueEntry, StoreError,
-    StoreResult, StoredCommand,
+    StoreResult, StoredCommand, WebhookEvent,
 };
 
 /// Kinds of `shared_state` rows.
@@ -23,6 +23,10 @@ pub(super) const SET: &str = "set";
 pub(super) const VERSION: &str = "version";
 /// Values claimed once (`Store::claim`).
 pub(super) const CLAIM: &str = "claim";
+
+/// A `webhook_pending` row of an enrollment that never had an event written is a crash
+/// leftover at least this old (its event's write would have landed long before).
+const UNWRITTEN_HINT_AGE_MICROS: i64 = 60_000_000;
 
 /// Buckets read ahead while filling a page.
 const BUCKETS_AHEAD: usize = 4;
@@ -92,6 +96,7 @@ struct DeviceHead {
     enrollment: Option<Vec<u8>>,
     queue_head: u64,
     ddm: DdmRecord,
+    webhook_next_seq: u64,
 }
 
 impl ScyllaStore {
@@ -226,6 +231,7 @@ impl ScyllaStore {
             queue,
             queue_floor: head.queue_head,
             ddm: head.ddm,
+            webhook_next_seq: head.webhook_next_seq,
         })
     }
 
@@ -240,6 +246,9 @@ impl ScyllaStore {
                 (section::ENROLLMENT, 0) => head.enrollment = Some(value),
                 (section::ENROLLMENT, rows::QUEUE_HEAD_SEQ) => {
                     head.queue_head = rows::decode_head(&value)?
+                }
+                (section::ENROLLMENT, rows::WEBHOOK_NEXT_SEQ) => {
+                    head.webhook_next_seq = rows::decode_head(&value)?
                 }
                 (section::DDM_STATE, _) => head.ddm.state = Some(value),
                 (section::DDM_TIMELINE, _) => head.ddm.timeline = Some(value),
@@ -272,6 +281,7 @@ impl ScyllaStore {
         page_buckets(rows::ENROLLMENT_BUCKETS, after, limit, |bucket, from| {
             self.index_page(
                 &self.statements.enrollment_index_page,
+                "enrollment_ids",
                 None,
                 bucket,
                 from,
@@ -290,6 +300,7 @@ impl ScyllaStore {
         page_buckets(rows::SET_MEMBER_BUCKETS, after, limit, |bucket, from| {
             self.index_page(
                 &self.statements.set_member_page,
+                "set_members",
                 Some(set),
                 bucket,
                 from,
@@ -299,10 +310,74 @@ impl ScyllaStore {
         .await
     }
 
+    pub(super) async fn page_webhook_pending(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<String>> {
+        page_buckets(rows::WEBHOOK_BUCKETS, after, limit, |bucket, from| {
+            self.index_page(
+                &self.statements.webhook_pending_page,
+                "webhook_pending",
+                None,
+                bucket,
+                from,
+                limit,
+            )
+        })
+        .await
+    }
+
+    /// The oldest events of the enrollment's outbox; when there are none, its
+    /// `webhook_pending` row (if any) is a leftover of a crash and is deleted, at the
+    /// timestamp of the newest event ever written (so a newer one's row stays), or, for
+    /// an enrollment that never had an event written, at a timestamp old enough that no
+    /// event being written now is hidden by it.
+    pub(super) async fn read_webhook_events(
+        &self,
+        id: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<WebhookEvent>> {
+        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+        let values: Vec<(Vec<u8>,)> = self
+            .rows(
+                "webhook_events",
+                &self.statements.webhook_events,
+                (id, limit),
+            )
+            .await?;
+        if !values.is_empty() {
+            return values
+                .iter()
+                .map(|(v,)| rows::decode("webhook event", id, v))
+                .collect();
+        }
+        let next = self
+            .blob(
+                "webhook_events",
+                &self.statements.device_row,
+                (id, section::ENROLLMENT, rows::WEBHOOK_NEXT_SEQ),
+            )
+            .await?;
+        let newest = match next {
+            Some(next) => rows::seq_to_cql(rows::decode_head(&next)?.saturating_sub(1)),
+            None => rows::now_micros() - UNWRITTEN_HINT_AGE_MICROS,
+        };
+        let key = super::writes::webhook_pending_key(newest, id);
+        self.execute(
+            "webhook_events",
+            &self.statements.delete_webhook_pending,
+            key,
+        )
+        .await?;
+        Ok(Vec::new())
+    }
+
     /// Ids of one index bucket after `from`; `set` names the set for `set_members`.
     async fn index_page(
         &self,
         statement: &scylla::statement::prepared::PreparedStatement,
+        op: &'static str,
         set: Option<&str>,
         bucket: i32,
         from: String,
@@ -310,14 +385,8 @@ impl ScyllaStore {
     ) -> StoreResult<Vec<String>> {
         let limit = i32::try_from(limit).unwrap_or(i32::MAX);
         let ids: Vec<(String,)> = match set {
-            Some(set) => {
-                self.rows("set_members", statement, (set, bucket, from, limit))
-                    .await?
-            }
-            None => {
-                self.rows("enrollment_ids", statement, (bucket, from, limit))
-                    .await?
-            }
+            Some(set) => self.rows(op, statement, (set, bucket, from, limit)).await?,
+            None => self.rows(op, statement, (bucket, from, limit)).await?,
         };
         Ok(ids.into_iter().map(|(id,)| id).collect())
     }

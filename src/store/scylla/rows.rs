@@ -21,12 +21,17 @@ pub mod section {
     pub const REPORTS: i8 = 5;
     /// `(6, 0, command UUID)`: command results.
     pub const RESULTS: i8 = 6;
+    /// `(7, seq)`: the webhook outbox, in delivery order.
+    pub const WEBHOOK: i8 = 7;
     /// Sections read together when an actor activates (everything before the queue).
     pub const HEAD_END: i8 = QUEUE;
 }
 
 /// `seq` of the queue-head row in the enrollment section.
 pub const QUEUE_HEAD_SEQ: i64 = 1;
+/// `seq` of the row in the enrollment section holding one past the highest webhook event
+/// sequence ever written (encoded like the queue head).
+pub const WEBHOOK_NEXT_SEQ: i64 = 2;
 
 /// How long a command result is kept (90 days).
 pub const RESULT_TTL_SECS: i32 = 90 * 24 * 3600;
@@ -37,6 +42,8 @@ pub const ENROLLMENT_BUCKETS: i32 = 256;
 pub const SET_MEMBER_BUCKETS: i32 = 64;
 /// Parts of the re-push schedule (`wakes`, `wake_minutes`).
 pub const WAKE_PARTS: i32 = 16;
+/// Buckets of `webhook_pending`.
+pub const WEBHOOK_BUCKETS: i32 = 64;
 
 /// The bucket of `id` among `buckets`: a fixed hash (xxh3), the same on every node and
 /// in every version, since rows are found by it.

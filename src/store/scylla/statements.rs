@@ -10,7 +10,7 @@ use scylla::statement::prepared::PreparedStatement;
 use super::backend;
 use super::cluster::CLUSTER;
 use super::reads::CLAIM;
-use super::rows::section::{QUEUE, RESULTS};
+use super::rows::section::{QUEUE, RESULTS, WEBHOOK};
 use crate::store::StoreResult;
 
 pub struct Statements {
@@ -45,6 +45,10 @@ pub struct Statements {
     pub put_wake_minute: PreparedStatement,
     pub wake_minutes: PreparedStatement,
     pub drop_wake_minutes: PreparedStatement,
+    pub put_webhook_pending: PreparedStatement,
+    pub delete_webhook_pending: PreparedStatement,
+    pub webhook_pending_page: PreparedStatement,
+    pub webhook_events: PreparedStatement,
     pub put_node: PreparedStatement,
     pub forget_node: PreparedStatement,
     pub nodes: PreparedStatement,
@@ -92,6 +96,10 @@ impl Statements {
             put_wake_minute: p(format!("INSERT INTO {ks}.wake_minutes (part, minute) VALUES (?, ?) USING TIMESTAMP ?"), true).await?,
             wake_minutes: p(format!("SELECT minute FROM {ks}.wake_minutes WHERE part = ? AND minute <= ?"), true).await?,
             drop_wake_minutes: p(format!("DELETE FROM {ks}.wake_minutes USING TIMESTAMP ? WHERE part = ? AND minute <= ?"), true).await?,
+            put_webhook_pending: p(format!("INSERT INTO {ks}.webhook_pending (bucket, enrollment_id) VALUES (?, ?) USING TIMESTAMP ?"), true).await?,
+            delete_webhook_pending: p(format!("DELETE FROM {ks}.webhook_pending USING TIMESTAMP ? WHERE bucket = ? AND enrollment_id = ?"), true).await?,
+            webhook_pending_page: p(format!("SELECT enrollment_id FROM {ks}.webhook_pending WHERE bucket = ? AND enrollment_id > ? LIMIT ?"), true).await?,
+            webhook_events: p(format!("SELECT value FROM {ks}.devices WHERE enrollment_id = ? AND section = {WEBHOOK} LIMIT ?"), true).await?,
             put_node: p(format!("INSERT INTO {ks}.cluster_nodes (cluster, node_id, advertise_url, heartbeat, beat_at) VALUES ('{CLUSTER}', ?, ?, ?, ?)"), true).await?,
             forget_node: p(format!("DELETE FROM {ks}.cluster_nodes WHERE cluster = '{CLUSTER}' AND node_id = ?"), true).await?,
             nodes: p(format!("SELECT node_id, advertise_url, heartbeat, beat_at FROM {ks}.cluster_nodes WHERE cluster = '{CLUSTER}'"), true).await?,

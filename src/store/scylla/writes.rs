@@ -4,11 +4,12 @@
 //!
 //! 1. certificate bindings, as lightweight transactions (one enrollment per certificate);
 //! 2. rows other rows refer to or are found by: command bodies (write-once),
-//!    set-membership additions, re-push hints, shared state;
-//! 3. each device's own rows (enrollment, queue, results, DDM, wake, reports) as one
-//!    single-partition batch: atomic and isolated on every replica;
-//! 4. the enrollment index (a listing never names an enrollment that is not there) and
-//!    set-membership removals (after the state that no longer names the set).
+//!    set-membership additions, re-push hints, webhook-outbox index rows, shared state;
+//! 3. each device's own rows (enrollment, queue, results, DDM, wake, reports, webhook
+//!    outbox) as one single-partition batch: atomic and isolated on every replica;
+//! 4. the enrollment index (a listing never names an enrollment that is not there),
+//!    set-membership removals (after the state that no longer names the set) and
+//!    webhook-outbox index removals (after the delivered event is gone).
 //!
 //! Planning ([`Plan::of`]) is pure; only [`ScyllaStore::apply_batch`] talks to the cluster.
 
@@ -43,6 +44,8 @@ pub(super) enum Stmt {
     DeleteSetMember,
     PutWake,
     PutWakeMinute,
+    PutWebhookPending,
+    DeleteWebhookPending,
 }
 
 /// One planned statement with its bound values (in the statement's order).
@@ -386,6 +389,39 @@ impl Plan {
                 let slots = reports.entry(enrollment_id.clone()).or_default();
                 self.append_report(&enrollment_id, report, keep.max(1), slots, stamps)?;
             }
+            Mutation::PutWebhookEvent {
+                enrollment_id,
+                event,
+            } => {
+                let bucket = rows::bucket(&enrollment_id, rows::WEBHOOK_BUCKETS);
+                self.before.push(Write {
+                    stmt: Stmt::PutWebhookPending,
+                    values: vec![
+                        CqlValue::Int(bucket),
+                        text(&enrollment_id),
+                        CqlValue::BigInt(rows::seq_to_cql(event.seq)),
+                    ],
+                });
+                let seq = rows::seq_to_cql(event.seq);
+                let next = rows::encode_head(event.seq + 1);
+                let value = rows::encode(&event)?;
+                self.put_device_row(&enrollment_id, section::WEBHOOK, seq, value, stamps);
+                self.put_device_row(
+                    &enrollment_id,
+                    section::ENROLLMENT,
+                    rows::WEBHOOK_NEXT_SEQ,
+                    next,
+                    stamps,
+                );
+            }
+            Mutation::RemoveWebhookEvent { enrollment_id, seq } => {
+                let seq = rows::seq_to_cql(seq);
+                self.delete_device_row(&enrollment_id, section::WEBHOOK, seq, stamps);
+                self.after.push(Write {
+                    stmt: Stmt::DeleteWebhookPending,
+                    values: webhook_pending_key(seq, &enrollment_id),
+                });
+            }
         }
         Ok(())
     }
@@ -418,6 +454,16 @@ impl Plan {
         }
         Ok(())
     }
+}
+
+/// The bound values that delete `id`'s `webhook_pending` row as written for event `seq`
+/// (or any earlier one): the row's write timestamp is its event's sequence.
+pub(super) fn webhook_pending_key(seq: i64, id: &str) -> Vec<CqlValue> {
+    vec![
+        CqlValue::BigInt(seq),
+        CqlValue::Int(rows::bucket(id, rows::WEBHOOK_BUCKETS)),
+        text(id),
+    ]
 }
 
 /// Crash tests: with `ORCHARD_FAILPOINT=<name>` the process aborts at the point of that
@@ -600,6 +646,8 @@ impl ScyllaStore {
             Stmt::DeleteSetMember => &s.delete_set_member,
             Stmt::PutWake => &s.put_wake,
             Stmt::PutWakeMinute => &s.put_wake_minute,
+            Stmt::PutWebhookPending => &s.put_webhook_pending,
+            Stmt::DeleteWebhookPending => &s.delete_webhook_pending,
         }
     }
 }
