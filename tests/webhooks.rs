@@ -650,35 +650,16 @@ async fn events_older_than_the_max_age_are_dropped_and_later_ones_still_arrive()
 /// what it left, in order.
 #[actix_rt::test]
 async fn in_a_cluster_the_owner_posts_its_devices_events_and_a_successor_finishes_them() {
-    let Some(cql) = common::cql::server() else {
-        common::cql::skip("webhooks on an Orchard cluster");
-        return;
-    };
+    use common::cluster::{cluster_with, settled, LEASE};
     let receiver = Receiver::start();
     receiver.failing.store(true, Ordering::SeqCst);
-    let store = StoreUnderTest::Cql {
-        nodes: vec![cql],
-        keyspace: common::cql::fresh_keyspace(),
-    };
     let url = receiver.url();
-    let mut nodes: Vec<Server> = ["node-a", "node-b", "node-c"]
-        .iter()
-        .map(|name| {
-            let args = [
-                "--cluster-secret",
-                "webhook-cluster-secret",
-                "--node-id",
-                name,
-                "--lease-secs",
-                "2",
-                "--webhook-url",
-                &url,
-                "--webhook-hmac-key",
-                HMAC_KEY,
-            ];
-            Server::start_on(store.clone(), &args)
-        })
-        .collect();
+    let names = ["node-a", "node-b", "node-c"];
+    let webhook = ["--webhook-url", &url, "--webhook-hmac-key", HMAC_KEY];
+    let Some(mut nodes) = cluster_with(&names, &[], &webhook) else {
+        return;
+    };
+    settled(&nodes[0], &names, LEASE * 15).await;
     let devices: Vec<Device> = (0..12)
         .map(|i| Device::new(&nodes[0], &format!("F0F0F0F0-0000-4000-8000-{i:012X}")))
         .collect();
