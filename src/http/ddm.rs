@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::body::read_body;
-use super::nanohub::rfc3339;
+use super::nanohub::{rfc3339, route_ids};
 use super::rejection::Rejection;
 use super::AppState;
 use crate::commands;
@@ -20,14 +20,18 @@ use crate::ddm::catalog::{CatalogError, Change};
 use crate::ddm::doctor::{diagnose, EnrollmentFacts, Finding};
 use crate::ddm::fleet::minute_floor;
 use crate::ddm::sync::DdmState;
-use crate::ddm::{Issue, Validity};
+use crate::ddm::kmfddm::{self, PathPrefix};
+use crate::ddm::Issue;
 use crate::device::messages::{DdmView, GetDdmView};
 use crate::device::tally::FleetTally;
 use crate::device::DeviceError;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     let resource = |path: &str| web::resource(format!("/ddm{path}"));
-    cfg.service(
+    cfg.app_data(web::QueryConfig::default().error_handler(|err, _| {
+        Rejection::api(StatusCode::BAD_REQUEST, "bad_query", err.to_string()).into()
+    }))
+    .service(
         resource("/declarations")
             .get(list_declarations)
             .put(put_declaration),
@@ -178,15 +182,17 @@ async fn get_declaration(
         .body(declaration.to_device_json()))
 }
 
+/// `DELETE /api/v1/ddm/declarations/{id}`: 204 when deleted, 304 when there was none,
+/// 409 while a set still holds it.
 async fn delete_declaration(
     id: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Rejection> {
     match state.registry.catalog().delete_declaration(&id).await {
         Ok(true) => Ok(HttpResponse::NoContent().finish()),
-        Ok(false) => Err(catalog_error(CatalogError::UnknownDeclaration(
-            id.to_string(),
-        ))),
+        // Nothing to delete is no change (KMFDDM): scripts that delete idempotently
+        // treat 304 as success.
+        Ok(false) => Ok(HttpResponse::NotModified().finish()),
         Err(e) => Err(catalog_error(e)),
     }
 }
@@ -324,61 +330,67 @@ async fn unassign_set(
     change_assignment(&state, &enrollment, &query, false).await
 }
 
-/// KMFDDM's per-declaration status, with `current` = the reported token is the one served now.
-async fn declaration_status(
-    enrollment: web::Path<String>,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, Rejection> {
-    let view = ddm_view(&state, &enrollment).await?;
-    let snapshot = state.registry.catalog().manifest(&view.state.sets);
-    let received = view.state.status.last_report_at.map(rfc3339);
-    let rows: Vec<Value> = view
-        .state
-        .status
-        .declarations
-        .values()
-        .map(|d| {
-            let current = snapshot
-                .manifest
-                .item(d.category, &d.identifier)
-                .is_some_and(|item| item.server_token == d.server_token);
-            json!({
-                "identifier": d.identifier,
-                "active": d.active,
-                "valid": d.valid,
-                "server-token": d.server_token,
-                "ManifestType": d.category.status_key(),
-                "current": current,
-                "reasons": d.reasons.iter().map(|r| json!({"code": r.code, "description": r.description, "details": r.details})).collect::<Vec<_>>(),
-                "status_received": received,
-            })
-        })
-        .collect();
-    Ok(HttpResponse::Ok().json(json!({ enrollment.as_str(): rows })))
+/// The DDM views of the comma-separated enrollments of a KMFDDM status route that
+/// exist: KMFDDM leaves unknown ids (and ids with nothing to show) out of its answer.
+async fn known_views(
+    req: &HttpRequest,
+    ids: &str,
+    state: &AppState,
+) -> Result<Vec<(String, DdmView)>, Rejection> {
+    let ids = route_ids(req, ids)?;
+    let mut known = Vec::with_capacity(ids.len());
+    for (id, view) in state.registry.call_all(&ids, GetDdmView).await {
+        match view {
+            Ok(view) => known.push((id, view)),
+            Err(DeviceError::UnknownEnrollment(_)) => {}
+            Err(e) => return Err(device_error(e)),
+        }
+    }
+    Ok(known)
 }
 
-/// Declaration errors and status-item errors; `{}` when there are none (as KMFDDM).
-async fn status_errors(
-    enrollment: web::Path<String>,
+/// `{"<id>": [rows], ...}` with only the enrollments that have rows (`{}` when none).
+fn rows_by_enrollment(
+    views: &[(String, DdmView)],
+    rows_of: impl Fn(&DdmView, &str) -> Vec<Value>,
+) -> HttpResponse {
+    let answer: serde_json::Map<String, Value> = views
+        .iter()
+        .filter_map(|(id, view)| {
+            let received = view.state.status.last_report_at.map(rfc3339).unwrap_or_default();
+            let rows = rows_of(view, &received);
+            (!rows.is_empty()).then(|| (id.clone(), Value::Array(rows)))
+        })
+        .collect();
+    HttpResponse::Ok().json(answer)
+}
+
+/// `GET /api/v1/ddm/declaration-status/{id[,id...]}`: each declaration as the device
+/// reported it, with `current` = the reported token is the one served now (KMFDDM's shape).
+async fn declaration_status(
+    req: HttpRequest,
+    ids: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Rejection> {
-    let view = ddm_view(&state, &enrollment).await?;
-    let received = view.state.status.last_report_at.map(rfc3339);
-    let mut rows: Vec<Value> = view
-        .state
-        .status
-        .declarations
-        .values()
-        .filter(|d| !d.active && d.valid != Validity::Valid || d.reasons.iter().any(|r| r.code.starts_with("Error.")))
-        .map(|d| json!({ "path": format!("declaration:{}", d.identifier), "error": d.reasons.iter().map(|r| json!({"code": r.code, "description": r.description, "details": r.details})).collect::<Vec<_>>(), "timestamp": received }))
-        .collect();
-    rows.extend(view.state.status.errors.iter().map(|e| {
-        json!({ "path": e.status_item, "error": e.reasons.iter().map(|r| json!({"code": r.code, "description": r.description, "details": r.details})).collect::<Vec<_>>(), "timestamp": received })
-    }));
-    if rows.is_empty() {
-        return Ok(HttpResponse::Ok().json(json!({})));
-    }
-    Ok(HttpResponse::Ok().json(json!({ enrollment.as_str(): rows })))
+    let views = known_views(&req, &ids, &state).await?;
+    let catalog = state.registry.catalog();
+    Ok(rows_by_enrollment(&views, |view, received| {
+        let snapshot = catalog.manifest(&view.state.sets);
+        kmfddm::declaration_status(&view.state.status, &snapshot.manifest, received)
+    }))
+}
+
+/// `GET /api/v1/ddm/status-errors/{id[,id...]}`: declarations the device could not apply
+/// and the status items it could not report (KMFDDM's shape; `{}` when there are none).
+async fn status_errors(
+    req: HttpRequest,
+    ids: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    let views = known_views(&req, &ids, &state).await?;
+    Ok(rows_by_enrollment(&views, |view, received| {
+        kmfddm::status_errors(&view.state.status, received)
+    }))
 }
 
 #[derive(Deserialize)]
@@ -386,24 +398,23 @@ struct PrefixQuery {
     prefix: Option<String>,
 }
 
-/// Flattened status values as `.StatusItems.<path>` rows, optionally filtered by prefix.
+/// `GET /api/v1/ddm/status-values/{id[,id...]}?prefix=`: reported values as strings under
+/// their `.StatusItems.…` paths; `prefix` is KMFDDM's `LIKE` pattern (`.StatusItems.device.%`).
 async fn status_values(
-    enrollment: web::Path<String>,
+    req: HttpRequest,
+    ids: web::Path<String>,
     query: web::Query<PrefixQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Rejection> {
-    let view = ddm_view(&state, &enrollment).await?;
-    let received = view.state.status.last_report_at.map(rfc3339);
-    let rows: Vec<Value> = view
-        .state
-        .status
-        .values
-        .iter()
-        .map(|(path, value)| (format!(".StatusItems.{path}"), value))
-        .filter(|(path, _)| query.prefix.as_deref().is_none_or(|p| path.starts_with(p)))
-        .map(|(path, value)| json!({ "path": path, "value": value, "timestamp": received }))
-        .collect();
-    Ok(HttpResponse::Ok().json(json!({ enrollment.as_str(): rows })))
+    let views = known_views(&req, &ids, &state).await?;
+    let prefix = query
+        .prefix
+        .as_deref()
+        .filter(|p| !p.is_empty())
+        .map(PathPrefix::new);
+    Ok(rows_by_enrollment(&views, |view, received| {
+        kmfddm::status_values(&view.state.status, prefix.as_ref(), received)
+    }))
 }
 
 /// `POST /api/v1/ddm/notify?id=&set=&declaration=`: force a sync of the targets.
