@@ -68,9 +68,9 @@ pub fn status_errors(status: &EnrollmentStatus, received: &str) -> Vec<Value> {
                 "timestamp": received,
             })
         });
-    let items = status.errors.iter().map(|error| {
-        json!({ "path": ERRORS_PATH, "error": error_entry(error), "timestamp": received })
-    });
+    let items = status.errors.iter().map(
+        |error| json!({ "path": ERRORS_PATH, "error": error_entry(error), "timestamp": received }),
+    );
     declarations.chain(items).collect()
 }
 
@@ -304,13 +304,18 @@ mod tests {
     /// The transcripts' two declarations as Orchard publishes them, and the status
     /// report the device sent for them with Orchard's ServerTokens in place of NanoHUB's.
     fn transcript_sync() -> (Manifest, EnrollmentStatus, Vec<(&'static str, String)>) {
-        let published: Vec<_> = ["12-api-put-declaration-config.txt", "14-api-put-declaration-activation.txt"]
-            .into_iter()
-            .map(|name| {
-                let body = transcript_body(name, "REQUEST");
-                crate::ddm::Declaration::from_api_json(body.as_bytes(), 0).unwrap().0
-            })
-            .collect();
+        let published: Vec<_> = [
+            "12-api-put-declaration-config.txt",
+            "14-api-put-declaration-activation.txt",
+        ]
+        .into_iter()
+        .map(|name| {
+            let body = transcript_body(name, "REQUEST");
+            crate::ddm::Declaration::from_api_json(body.as_bytes(), 0)
+                .unwrap()
+                .0
+        })
+        .collect();
         let tokens = vec![
             ("90417ed27ff3af0d", published[0].server_token.clone()),
             ("72de23d23465e56b", published[1].server_token.clone()),
@@ -442,8 +447,14 @@ mod tests {
             (".StatusItems.device.operating-system.version", "14.4"),
             (".StatusItems.diskmanagement.capacity", "42"),
             (".StatusItems.diskmanagement.filevault.enabled", "false"),
-            (".StatusItems.management.client-capabilities.supported-versions", "1.0.0"),
-            (".StatusItems.management.client-capabilities.supported-versions", "2.0.0"),
+            (
+                ".StatusItems.management.client-capabilities.supported-versions",
+                "1.0.0",
+            ),
+            (
+                ".StatusItems.management.client-capabilities.supported-versions",
+                "2.0.0",
+            ),
             (".StatusItems.passcode.is-compliant", "true"),
         ];
         assert_eq!(

@@ -19,8 +19,8 @@ use crate::commands;
 use crate::ddm::catalog::{CatalogError, Change};
 use crate::ddm::doctor::{diagnose, EnrollmentFacts, Finding};
 use crate::ddm::fleet::minute_floor;
-use crate::ddm::sync::DdmState;
 use crate::ddm::kmfddm::{self, PathPrefix};
+use crate::ddm::sync::DdmState;
 use crate::ddm::Issue;
 use crate::device::messages::{DdmView, GetDdmView};
 use crate::device::tally::FleetTally;
@@ -357,7 +357,12 @@ fn rows_by_enrollment(
     let answer: serde_json::Map<String, Value> = views
         .iter()
         .filter_map(|(id, view)| {
-            let received = view.state.status.last_report_at.map(rfc3339).unwrap_or_default();
+            let received = view
+                .state
+                .status
+                .last_report_at
+                .map(rfc3339)
+                .unwrap_or_default();
             let rows = rows_of(view, &received);
             (!rows.is_empty()).then(|| (id.clone(), Value::Array(rows)))
         })
