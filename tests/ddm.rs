@@ -882,3 +882,33 @@ async fn deleting_a_declaration_that_does_not_exist_changes_nothing() {
     assert_eq!(status, 400, "the declaration query parameter is required");
     assert_eq!(body["error"], "bad_query");
 }
+
+#[actix_rt::test]
+async fn nonotify_reads_kmfddms_booleans_and_every_set_can_be_unassigned_at_once() {
+    let (server, device) = enrolled_device(UDID).await;
+    publish(&server).await;
+    let extra = format!("/api/v1/ddm/set-declarations/extra?declaration={CONFIG}");
+    assert_eq!(api(&server, "PUT", &extra, None).await.0, 204);
+    for set in ["default", "extra"] {
+        let path = format!("/api/v1/ddm/enrollment-sets/{UDID}?set={set}&nonotify=1");
+        assert_eq!(api(&server, "PUT", &path, None).await.0, 204);
+    }
+    let (_, nothing) = device.connect(&server, device.idle()).await;
+    assert!(nothing.is_empty(), "nonotify=1: no sync was queued");
+
+    // KMFDDM registers this route as `enrollment-sets-all/sets/{id}` and documents it
+    // as `enrollment-sets-all/{id}`: both work. `nonotify=0` means notify.
+    let all = format!("/api/v1/ddm/enrollment-sets-all/sets/{UDID}?nonotify=0");
+    assert_eq!(api(&server, "DELETE", &all, None).await.0, 204);
+    let (_, sets) = api(
+        &server,
+        "GET",
+        &format!("/api/v1/ddm/enrollment-sets/{UDID}"),
+        None,
+    )
+    .await;
+    assert_eq!(sets, json!([]));
+    assert!(receive_sync_command(&server, &device).await.is_some());
+    let documented = format!("/api/v1/ddm/enrollment-sets-all/{UDID}");
+    assert_eq!(api(&server, "DELETE", &documented, None).await.0, 304);
+}

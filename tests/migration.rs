@@ -126,18 +126,19 @@ async fn imported_devices_connect_and_get_commands_without_authenticating() {
         "imported, no certificate yet"
     );
 
-    for (udid, uuid) in [(MAC, "MIGRATED-MAC-1"), (IPHONE, "MIGRATED-IPHONE-1")] {
+    let (mac, iphone) = (old.device(MAC), old.device(IPHONE));
+    for (device, uuid) in [(&mac, "MIGRATED-MAC-1"), (&iphone, "MIGRATED-IPHONE-1")] {
+        let udid = &device.udid;
         assert_eq!(
             enqueue(&server, udid, uuid, "DeviceInformation").await.0,
             200
         );
-        let device = old.device(udid);
         assert_eq!(
-            receive(&server, &device).await,
+            receive(&server, device).await,
             (200, Some(uuid.to_string())),
             "{udid} gets its command with the certificate it already had"
         );
-        assert_eq!(receive(&server, &device).await, (200, None));
+        assert_eq!(receive(&server, device).await, (200, None));
     }
     let (_, view) = api_get(&server, &format!("/api/v1/devices/{IPHONE}")).await;
     assert_eq!(view["identity_bound"], true);
@@ -146,7 +147,6 @@ async fn imported_devices_connect_and_get_commands_without_authenticating() {
         "no Authenticate since the import"
     );
 
-    let mac = old.device(MAC);
     let (status, reply) = mac
         .checkin(&server, checkin_message(MAC, "GetBootstrapToken", &[]))
         .await;

@@ -49,6 +49,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .put(add_to_set)
             .delete(remove_from_set),
     )
+    .service(resource("/enrollment-sets-all/{enrollment}").delete(unassign_all_sets))
+    .service(resource("/enrollment-sets-all/sets/{enrollment}").delete(unassign_all_sets))
     .service(resource("/declaration-sets/{id}").get(declaration_sets))
     .service(
         resource("/enrollment-sets/{enrollment}")
@@ -77,7 +79,17 @@ struct NotifyFlag {
 
 impl NotifyFlag {
     fn notify(&self) -> bool {
-        self.nonotify.is_none()
+        notify_wanted(self.nonotify.as_deref())
+    }
+}
+
+/// Whether a write should sync the enrollments it affects, from its `nonotify` query
+/// parameter: KMFDDM's booleans (`nonotify=1`, `true`, … skip the sync; `0`, `false`,
+/// `no`, `off` do not), and a bare `?nonotify` skips it too.
+fn notify_wanted(nonotify: Option<&str>) -> bool {
+    match nonotify.map(str::to_ascii_lowercase).as_deref() {
+        None | Some("0" | "false" | "no" | "off") => true,
+        Some(_) => false,
     }
 }
 
@@ -189,10 +201,9 @@ async fn delete_declaration(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Rejection> {
     match state.registry.catalog().delete_declaration(&id).await {
-        Ok(true) => Ok(HttpResponse::NoContent().finish()),
-        // Nothing to delete is no change (KMFDDM): scripts that delete idempotently
-        // treat 304 as success.
-        Ok(false) => Ok(HttpResponse::NotModified().finish()),
+        // Nothing to delete is no change (KMFDDM's 304): scripts that delete
+        // idempotently treat it as success.
+        Ok(deleted) => Ok(change_status(deleted)),
         Err(e) => Err(catalog_error(e)),
     }
 }
@@ -243,7 +254,7 @@ async fn change_set_membership(
         .change_set(set, &query.declaration, add)
         .await
         .map_err(catalog_error)?;
-    Ok(changed_response(state, change, query.nonotify.is_none()).await)
+    Ok(changed_response(state, change, notify_wanted(query.nonotify.as_deref())).await)
 }
 
 async fn add_to_set(
@@ -288,30 +299,57 @@ struct SetQuery {
     nonotify: Option<String>,
 }
 
+/// Assign or unassign one set of one enrollment; answers whether that changed anything.
+async fn assignment_changed(
+    state: &AppState,
+    enrollment: &str,
+    set: &str,
+    assign: bool,
+    sync: bool,
+) -> Result<bool, Rejection> {
+    let ids = [enrollment.to_string()];
+    let mut outcome = commands::assign_set(&state.registry, &*state.push, &ids, set, assign, sync)
+        .await
+        .map_err(Rejection::store_failure)?;
+    match outcome.pop().map(|(_, changed)| changed) {
+        Some(Ok(changed)) => Ok(changed),
+        Some(Err(e)) => Err(device_error(e)),
+        None => Err(device_error(DeviceError::Unavailable)),
+    }
+}
+
+/// KMFDDM's answer to a write: 204 when something changed, 304 when nothing did.
+fn change_status(changed: bool) -> HttpResponse {
+    match changed {
+        true => HttpResponse::NoContent().finish(),
+        false => HttpResponse::NotModified().finish(),
+    }
+}
+
 async fn change_assignment(
     state: &AppState,
     enrollment: &str,
     query: &SetQuery,
     assign: bool,
 ) -> Result<HttpResponse, Rejection> {
-    let ids = [enrollment.to_string()];
-    let sync = query.nonotify.is_none();
-    let mut outcome = commands::assign_set(
-        &state.registry,
-        &*state.push,
-        &ids,
-        &query.set,
-        assign,
-        sync,
-    )
-    .await
-    .map_err(Rejection::store_failure)?;
-    match outcome.pop().map(|(_, changed)| changed) {
-        Some(Ok(true)) => Ok(HttpResponse::NoContent().finish()),
-        Some(Ok(false)) => Ok(HttpResponse::NotModified().finish()),
-        Some(Err(e)) => Err(device_error(e)),
-        None => Err(device_error(DeviceError::Unavailable)),
+    let sync = notify_wanted(query.nonotify.as_deref());
+    let changed = assignment_changed(state, enrollment, &query.set, assign, sync).await?;
+    Ok(change_status(changed))
+}
+
+/// `DELETE /api/v1/ddm/enrollment-sets-all/{enrollment}` (also at KMFDDM's own path
+/// `…/enrollment-sets-all/sets/{enrollment}`): unassign every set of the enrollment.
+async fn unassign_all_sets(
+    enrollment: web::Path<String>,
+    flag: web::Query<NotifyFlag>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    let view = ddm_view(&state, &enrollment).await?;
+    let mut changed = false;
+    for set in &view.state.sets {
+        changed |= assignment_changed(&state, &enrollment, set, false, flag.notify()).await?;
     }
+    Ok(change_status(changed))
 }
 
 async fn assign_set(
