@@ -803,33 +803,35 @@ async fn the_kmfddm_status_routes_answer_as_nanohub_did() {
     let (status, _, _) = ddm(&server, &device, "status", Some(report.into_bytes())).await;
     assert_eq!(status, 200);
 
-    let route = |name: &str| format!("/api/v1/ddm/{name}/{UDID}");
-    let (status, declarations) = api(&server, "GET", &route("declaration-status"), None).await;
-    assert_eq!(status, 200);
+    let (_, declarations) = api(
+        &server,
+        "GET",
+        &format!("/api/v1/ddm/declaration-status/{UDID}"),
+        None,
+    )
+    .await;
     let clock = declarations[UDID][0]["status_received"].clone();
     assert!(regex_lite::Regex::new(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
         .unwrap()
         .is_match(clock.as_str().unwrap()));
-    assert_eq!(
-        sorted_by(declarations, "identifier"),
-        sorted_by(
-            recorded_answer("31-api-declaration-status.txt", &clock, &tokens),
-            "identifier"
-        )
-    );
-    let (_, values) = api(&server, "GET", &route("status-values"), None).await;
-    assert_eq!(
-        sorted_by(values, "path"),
-        sorted_by(
-            recorded_answer("32-api-status-values.txt", &clock, &tokens),
-            "path"
-        )
-    );
-    let (_, errors) = api(&server, "GET", &route("status-errors"), None).await;
-    assert_eq!(
-        errors,
-        recorded_answer("33-api-status-errors.txt", &clock, &tokens)
-    );
+    for (route, transcript, row_key) in [
+        (
+            "declaration-status",
+            "31-api-declaration-status.txt",
+            "identifier",
+        ),
+        ("status-values", "32-api-status-values.txt", "path"),
+        ("status-errors", "33-api-status-errors.txt", "path"),
+    ] {
+        let (status, answer) =
+            api(&server, "GET", &format!("/api/v1/ddm/{route}/{UDID}"), None).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            sorted_by(answer, row_key),
+            sorted_by(recorded_answer(transcript, &clock, &tokens), row_key),
+            "{route}"
+        );
+    }
 
     // KMFDDM's prefix is a LIKE pattern; several ids are comma-separated and unknown
     // ones left out.

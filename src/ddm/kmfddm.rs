@@ -258,7 +258,6 @@ impl PathPrefix {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ddm::declaration::tests::transcript_body;
     use crate::ddm::StatusReport;
 
     fn fixture(name: &str) -> Vec<u8> {
@@ -273,89 +272,6 @@ mod tests {
     }
 
     const RECEIVED: &str = "2023-11-14T22:13:20Z";
-
-    /// The recorded NanoHUB answer of `route` for the transcripts' device, with what only
-    /// that server knows put to Orchard's values: its `status_id` (Orchard has none, and
-    /// KMFDDM omits an empty one), its clock, and its ServerTokens (`tokens`).
-    fn recorded_rows(transcript: &str, tokens: &[(&str, &str)]) -> Vec<Value> {
-        let body = transcript_body(transcript, "RESPONSE");
-        let mut answer: Value = serde_json::from_str(&body).unwrap();
-        let Value::Array(rows) = answer["66ADE930-5FDF-5EC4-8429-15640684C489"].take() else {
-            panic!("one enrollment's rows");
-        };
-        rows.into_iter()
-            .map(|mut row| {
-                let row_map = row.as_object_mut().unwrap();
-                assert!(row_map.remove("status_id").is_some());
-                for clock in ["status_received", "timestamp"] {
-                    if row_map.contains_key(clock) {
-                        row_map.insert(clock.into(), RECEIVED.into());
-                    }
-                }
-                if let Some(Value::String(token)) = row_map.get_mut("server-token") {
-                    let ours = tokens.iter().find(|(theirs, _)| theirs == token).unwrap();
-                    *token = ours.1.to_string();
-                }
-                row
-            })
-            .collect()
-    }
-
-    /// The transcripts' two declarations as Orchard publishes them, and the status
-    /// report the device sent for them with Orchard's ServerTokens in place of NanoHUB's.
-    fn transcript_sync() -> (Manifest, EnrollmentStatus, Vec<(&'static str, String)>) {
-        let published: Vec<_> = [
-            "12-api-put-declaration-config.txt",
-            "14-api-put-declaration-activation.txt",
-        ]
-        .into_iter()
-        .map(|name| {
-            let body = transcript_body(name, "REQUEST");
-            crate::ddm::Declaration::from_api_json(body.as_bytes(), 0)
-                .unwrap()
-                .0
-        })
-        .collect();
-        let tokens = vec![
-            ("90417ed27ff3af0d", published[0].server_token.clone()),
-            ("72de23d23465e56b", published[1].server_token.clone()),
-        ];
-        let mut report = String::from_utf8(fixture(
-            "nanohub-transcripts/30-ddm-status-report.Data-decoded.json",
-        ))
-        .unwrap();
-        for (theirs, ours) in &tokens {
-            report = report.replace(theirs, ours);
-        }
-        (Manifest::new(&published), merged(report.as_bytes()), tokens)
-    }
-
-    #[test]
-    fn declaration_status_is_the_recorded_nanohub_answer() {
-        let (manifest, status, tokens) = transcript_sync();
-        let tokens: Vec<(&str, &str)> = tokens.iter().map(|(t, o)| (*t, o.as_str())).collect();
-        let mut expected = recorded_rows("31-api-declaration-status.txt", &tokens);
-        expected.sort_by(|a, b| a["identifier"].as_str().cmp(&b["identifier"].as_str()));
-        assert_eq!(declaration_status(&status, &manifest, RECEIVED), expected);
-    }
-
-    #[test]
-    fn status_values_are_the_recorded_nanohub_answer() {
-        let (_, status, _) = transcript_sync();
-        let mut expected = recorded_rows("32-api-status-values.txt", &[]);
-        expected.sort_by(|a, b| a["path"].as_str().cmp(&b["path"].as_str()));
-        assert_eq!(status_values(&status, None, RECEIVED), expected);
-    }
-
-    #[test]
-    fn status_errors_of_a_clean_sync_are_none_as_recorded() {
-        let (_, status, _) = transcript_sync();
-        assert_eq!(
-            transcript_body("33-api-status-errors.txt", "RESPONSE").trim(),
-            "{}"
-        );
-        assert!(status_errors(&status, RECEIVED).is_empty());
-    }
 
     #[test]
     fn declaration_status_has_kmfddms_fields_and_apples_valid_spelling() {
