@@ -800,7 +800,13 @@ async fn the_kmfddm_status_routes_answer_as_nanohub_did() {
     for (theirs, ours) in &tokens {
         report = report.replace(theirs, ours);
     }
-    let (status, _, _) = ddm(&server, &device, "status", Some(report.into_bytes())).await;
+    let (status, _, _) = ddm(
+        &server,
+        &device,
+        "status",
+        Some(report.clone().into_bytes()),
+    )
+    .await;
     assert_eq!(status, 200);
 
     let (_, declarations) = api(
@@ -853,6 +859,31 @@ async fn the_kmfddm_status_routes_answer_as_nanohub_did() {
     )
     .await;
     assert_eq!((status, nobody), (200, json!({})));
+
+    // The raw report, newest first, with KMFDDM's headers (transcript 34).
+    let recorded = transcript_body("34-api-status-report.txt", "RESPONSE");
+    assert!(recorded.contains("\"StatusItems\""));
+    let response = client()
+        .get(server.url(&format!("/api/v1/ddm/status-report/{UDID}?index=0")))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(content_type_of(&response), "application/json");
+    assert_eq!(response.headers()["x-status-report-index"], "0");
+    assert!(response.headers().contains_key("last-modified"));
+    assert_eq!(
+        body_of(response).await,
+        report.into_bytes(),
+        "exactly as sent"
+    );
+    let older = format!("/api/v1/ddm/status-report/{UDID}?index=1");
+    let (status, body) = api(&server, "GET", &older, None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (404, Some("status_report_not_found"))
+    );
 }
 
 #[actix_rt::test]

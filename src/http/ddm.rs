@@ -4,9 +4,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
-use actix_web::http::StatusCode;
+use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -25,6 +25,7 @@ use crate::ddm::Issue;
 use crate::device::messages::{DdmView, GetDdmView};
 use crate::device::tally::FleetTally;
 use crate::device::DeviceError;
+use crate::store::StoredReport;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     let resource = |path: &str| web::resource(format!("/ddm{path}"));
@@ -61,6 +62,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .service(resource("/declaration-status/{enrollment}").get(declaration_status))
     .service(resource("/status-errors/{enrollment}").get(status_errors))
     .service(resource("/status-values/{enrollment}").get(status_values))
+    .service(resource("/status-report/{enrollment}").get(status_report))
     .service(resource("/notify").post(notify))
     .service(resource("/tokens").get(mounted_tokens))
     .service(resource("/declaration-items").get(mounted_items))
@@ -661,20 +663,8 @@ async fn device_reports(
     id: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Rejection> {
-    let known = state
-        .store
-        .enrollment(&id)
-        .await
-        .map_err(Rejection::store_failure)?;
-    if known.is_none() {
-        return Err(device_error(DeviceError::UnknownEnrollment(id.to_string())));
-    }
-    let reports = state
-        .store
-        .ddm_reports(&id)
-        .await
-        .map_err(Rejection::store_failure)?;
-    let reports: Vec<Value> = reports
+    let reports: Vec<Value> = kept_reports(&state, &id)
+        .await?
         .into_iter()
         .map(|report| {
             let body =
@@ -686,6 +676,71 @@ async fn device_reports(
         "enrollment_id": id.as_str(),
         "reports": reports,
     })))
+}
+
+/// The raw status reports kept for a known enrollment, oldest first.
+async fn kept_reports(state: &AppState, id: &str) -> Result<Vec<StoredReport>, Rejection> {
+    let known = state
+        .store
+        .enrollment(id)
+        .await
+        .map_err(Rejection::store_failure)?;
+    if known.is_none() {
+        return Err(device_error(DeviceError::UnknownEnrollment(id.to_string())));
+    }
+    state
+        .store
+        .ddm_reports(id)
+        .await
+        .map_err(Rejection::store_failure)
+}
+
+#[derive(Deserialize)]
+struct ReportQuery {
+    index: Option<String>,
+    status_id: Option<String>,
+}
+
+fn no_such_report(detail: String) -> Rejection {
+    Rejection::api(StatusCode::NOT_FOUND, "status_report_not_found", detail)
+}
+
+/// `GET /api/v1/ddm/status-report/{id}?index=N` (KMFDDM): a kept status report exactly
+/// as the device sent it, index 0 being the newest, with KMFDDM's `Last-Modified` and
+/// `X-Status-Report-Index` headers. Orchard keeps the last two reports and no status ids.
+async fn status_report(
+    id: web::Path<String>,
+    query: web::Query<ReportQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    let index = match query.index.as_deref() {
+        None => 0,
+        Some(text) => text.parse::<usize>().map_err(|_| {
+            Rejection::api(
+                StatusCode::BAD_REQUEST,
+                "bad_index",
+                format!("index must be 0 (the newest report) or more, not {text:?}"),
+            )
+        })?,
+    };
+    if let Some(status_id) = &query.status_id {
+        return Err(no_such_report(format!(
+            "no report has status id {status_id}: Orchard keeps no status ids, ask by index"
+        )));
+    }
+    let reports = kept_reports(&state, &id).await?;
+    let Some(report) = reports.iter().rev().nth(index) else {
+        return Err(no_such_report(format!(
+            "enrollment {id} has {} kept status report(s); index {index} is past them",
+            reports.len()
+        )));
+    };
+    let received = UNIX_EPOCH + Duration::from_secs(report.received_at.max(0) as u64);
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .insert_header(header::LastModified(received.into()))
+        .insert_header(("X-Status-Report-Index", index.to_string()))
+        .body(report.json.clone()))
 }
 
 /// `GET /api/v1/ddm/diagnosis`: enrollments per doctor rule across the fleet, as of the
