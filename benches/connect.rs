@@ -66,6 +66,7 @@ async fn enrolled_device() -> Fixture {
         max_resident: 1000,
         user_authenticate: UserAuthenticatePolicy::Decline,
         ddm_stall_after_secs: 120,
+        retro: false,
     };
     let catalog = Arc::new(Catalog::load(store.clone()).await.unwrap());
     let placement = Arc::new(ShardMap::single_node("bench"));

@@ -66,6 +66,12 @@ pub struct ServeArgs {
     #[arg(long, env = "ORCHARD_IDENTITY_CA")]
     pub identity_ca: Option<PathBuf>,
 
+    /// An enrollment imported through `PUT /migration` binds the first identity
+    /// certificate it presents (chaining to the identity CA), as NanoMDM's `-retro`;
+    /// without it such an enrollment is refused until it re-enrolls.
+    #[arg(long, env = "ORCHARD_RETRO")]
+    pub retro: bool,
+
     /// Public https:// base URL devices use (ServerURL = <base>/mdm, CheckInURL = <base>/checkin).
     #[arg(long, env = "ORCHARD_SERVER_URL")]
     pub server_url: Option<String>,

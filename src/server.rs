@@ -121,6 +121,7 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
             UserAuthenticateMode::EmptyChallenge => UserAuthenticatePolicy::EmptyChallenge,
         },
         ddm_stall_after_secs: args.ddm_stall_after as i64,
+        retro: args.retro,
     };
     let http_settings = HttpSettings {
         client_cert_header: args.client_cert_header.clone(),

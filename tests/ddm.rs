@@ -364,7 +364,7 @@ async fn re_enrollment_resets_ddm_state_and_starts_a_sync() {
         None,
     )
     .await;
-    assert_eq!(status[UDID], json!([]), "stored status was reset");
+    assert_eq!(status, json!({}), "stored status was reset");
     let (_, sets) = api(
         &server,
         "GET",
@@ -800,4 +800,228 @@ async fn fleet_tallies_summed_over_cluster_nodes_equal_a_full_recount() {
         recount(&nodes[0], stall_after, as_of(&diagnosis)).await;
     assert_eq!(declarations, expected_declarations);
     assert_eq!(diagnosis["rules"], expected_rules);
+}
+
+/// NanoHUB's answer recorded in `transcript`, made comparable with Orchard's: its
+/// `status_id` removed (Orchard keeps none; KMFDDM omits an empty one), its clock and
+/// ServerTokens replaced by Orchard's (`clock`, `tokens`: theirs → ours).
+fn recorded_answer(transcript: &str, clock: &Json, tokens: &[(String, String)]) -> Json {
+    let mut answer: Json = serde_json::from_str(&transcript_body(transcript, "RESPONSE")).unwrap();
+    for rows in answer.as_object_mut().unwrap().values_mut() {
+        for row in rows.as_array_mut().unwrap() {
+            let row = row.as_object_mut().unwrap();
+            assert!(row.remove("status_id").is_some());
+            for field in ["status_received", "timestamp"] {
+                if row.contains_key(field) {
+                    row.insert(field.into(), clock.clone());
+                }
+            }
+            if let Some(Json::String(token)) = row.get_mut("server-token") {
+                *token = tokens
+                    .iter()
+                    .find(|(theirs, _)| theirs == token)
+                    .unwrap()
+                    .1
+                    .clone();
+            }
+        }
+    }
+    answer
+}
+
+fn sorted_by(mut answer: Json, key: &str) -> Json {
+    for rows in answer.as_object_mut().unwrap().values_mut() {
+        rows.as_array_mut()
+            .unwrap()
+            .sort_by(|a, b| a[key].as_str().cmp(&b[key].as_str()));
+    }
+    answer
+}
+
+#[actix_rt::test]
+async fn the_kmfddm_status_routes_answer_as_nanohub_did() {
+    let server = Server::start();
+    let device = Device::new(&server, UDID);
+    device.enroll(&server).await;
+    // The recorded session: the same two declarations, set and assignment.
+    for upload in [
+        "12-api-put-declaration-config.txt",
+        "14-api-put-declaration-activation.txt",
+    ] {
+        let body: Json = serde_json::from_str(&transcript_body(upload, "REQUEST")).unwrap();
+        assert_eq!(
+            api(&server, "PUT", "/api/v1/ddm/declarations", Some(body))
+                .await
+                .0,
+            204
+        );
+    }
+    for id in [CONFIG, ACTIVATION] {
+        let path = format!("/api/v1/ddm/set-declarations/default?declaration={id}");
+        assert_eq!(api(&server, "PUT", &path, None).await.0, 204);
+    }
+    assert_eq!(assign(&server, "default").await, 204);
+    let (_, _, items) = ddm(&server, &device, "declaration-items", None).await;
+    let ours = |plural: &str| {
+        items["Declarations"][plural][0]["ServerToken"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let tokens = vec![
+        ("90417ed27ff3af0d".to_string(), ours("Configurations")),
+        ("72de23d23465e56b".to_string(), ours("Activations")),
+    ];
+    // The device's recorded report, about Orchard's revisions.
+    let mut report = String::from_utf8(fixture(
+        "nanohub-transcripts/30-ddm-status-report.Data-decoded.json",
+    ))
+    .unwrap();
+    for (theirs, ours) in &tokens {
+        report = report.replace(theirs, ours);
+    }
+    let (status, _, _) = ddm(
+        &server,
+        &device,
+        "status",
+        Some(report.clone().into_bytes()),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    let (_, declarations) = api(
+        &server,
+        "GET",
+        &format!("/api/v1/ddm/declaration-status/{UDID}"),
+        None,
+    )
+    .await;
+    let clock = declarations[UDID][0]["status_received"].clone();
+    assert!(regex_lite::Regex::new(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        .unwrap()
+        .is_match(clock.as_str().unwrap()));
+    for (route, transcript, row_key) in [
+        (
+            "declaration-status",
+            "31-api-declaration-status.txt",
+            "identifier",
+        ),
+        ("status-values", "32-api-status-values.txt", "path"),
+        ("status-errors", "33-api-status-errors.txt", "path"),
+    ] {
+        let (status, answer) =
+            api(&server, "GET", &format!("/api/v1/ddm/{route}/{UDID}"), None).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            sorted_by(answer, row_key),
+            sorted_by(recorded_answer(transcript, &clock, &tokens), row_key),
+            "{route}"
+        );
+    }
+
+    // KMFDDM's prefix is a LIKE pattern; several ids are comma-separated and unknown
+    // ones left out.
+    let (_, device_only) = api(
+        &server,
+        "GET",
+        &format!("/api/v1/ddm/status-values/{UDID},NOT-ENROLLED?prefix=.StatusItems.device.%25"),
+        None,
+    )
+    .await;
+    let rows = device_only.as_object().unwrap();
+    assert_eq!(rows.keys().collect::<Vec<_>>(), vec![UDID]);
+    assert_eq!(rows[UDID].as_array().unwrap().len(), 7);
+    let (status, nobody) = api(
+        &server,
+        "GET",
+        "/api/v1/ddm/declaration-status/NOT-ENROLLED",
+        None,
+    )
+    .await;
+    assert_eq!((status, nobody), (200, json!({})));
+
+    // The raw report, newest first, with KMFDDM's headers (transcript 34).
+    let recorded = transcript_body("34-api-status-report.txt", "RESPONSE");
+    assert!(recorded.contains("\"StatusItems\""));
+    let response = client()
+        .get(server.url(&format!("/api/v1/ddm/status-report/{UDID}?index=0")))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(content_type_of(&response), "application/json");
+    assert_eq!(response.headers()["x-status-report-index"], "0");
+    assert!(response.headers().contains_key("last-modified"));
+    assert_eq!(
+        body_of(response).await,
+        report.into_bytes(),
+        "exactly as sent"
+    );
+    let older = format!("/api/v1/ddm/status-report/{UDID}?index=1");
+    let (status, body) = api(&server, "GET", &older, None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (404, Some("status_report_not_found"))
+    );
+}
+
+#[actix_rt::test]
+async fn deleting_a_declaration_that_does_not_exist_changes_nothing() {
+    let server = Server::start();
+    let (status, _) = api(
+        &server,
+        "DELETE",
+        "/api/v1/ddm/declarations/com.example.none",
+        None,
+    )
+    .await;
+    assert_eq!(status, 304, "as KMFDDM: no change");
+    assert_eq!(
+        api(
+            &server,
+            "PUT",
+            "/api/v1/ddm/declarations",
+            Some(test_config("x"))
+        )
+        .await
+        .0,
+        204
+    );
+    let path = format!("/api/v1/ddm/declarations/{CONFIG}");
+    assert_eq!(api(&server, "DELETE", &path, None).await.0, 204);
+    assert_eq!(api(&server, "DELETE", &path, None).await.0, 304);
+    let (status, body) = api(&server, "PUT", "/api/v1/ddm/set-declarations/default", None).await;
+    assert_eq!(status, 400, "the declaration query parameter is required");
+    assert_eq!(body["error"], "bad_query");
+}
+
+#[actix_rt::test]
+async fn nonotify_reads_kmfddms_booleans_and_every_set_can_be_unassigned_at_once() {
+    let (server, device) = enrolled_device(UDID).await;
+    publish(&server).await;
+    let extra = format!("/api/v1/ddm/set-declarations/extra?declaration={CONFIG}");
+    assert_eq!(api(&server, "PUT", &extra, None).await.0, 204);
+    for set in ["default", "extra"] {
+        let path = format!("/api/v1/ddm/enrollment-sets/{UDID}?set={set}&nonotify=1");
+        assert_eq!(api(&server, "PUT", &path, None).await.0, 204);
+    }
+    let (_, nothing) = device.connect(&server, device.idle()).await;
+    assert!(nothing.is_empty(), "nonotify=1: no sync was queued");
+
+    // KMFDDM registers this route as `enrollment-sets-all/sets/{id}` and documents it
+    // as `enrollment-sets-all/{id}`: both work. `nonotify=0` means notify.
+    let all = format!("/api/v1/ddm/enrollment-sets-all/sets/{UDID}?nonotify=0");
+    assert_eq!(api(&server, "DELETE", &all, None).await.0, 204);
+    let (_, sets) = api(
+        &server,
+        "GET",
+        &format!("/api/v1/ddm/enrollment-sets/{UDID}"),
+        None,
+    )
+    .await;
+    assert_eq!(sets, json!([]));
+    assert!(receive_sync_command(&server, &device).await.is_some());
+    let documented = format!("/api/v1/ddm/enrollment-sets-all/{UDID}");
+    assert_eq!(api(&server, "DELETE", &documented, None).await.0, 304);
 }

@@ -12,6 +12,7 @@ mod declaration;
 pub mod doctor;
 pub mod fleet;
 mod json_text;
+pub mod kmfddm;
 mod manifest;
 mod path;
 mod status;

@@ -19,12 +19,18 @@ const DECLARATIONS_ITEM: &str = "management.declarations";
 /// Status item holding what the device's DDM client supports.
 const CLIENT_CAPABILITIES_ITEM: &str = "management.client-capabilities";
 
-/// The device's verdict on a declaration's content.
+/// The device's verdict on a declaration's content. It serialises as Apple's status
+/// schema spells it (`valid`, `invalid`, `unknown`), the words scripts written for
+/// KMFDDM compare; the capitalised aliases read DDM states stored before.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Validity {
+    #[serde(alias = "Valid")]
     Valid,
+    #[serde(alias = "Invalid")]
     Invalid,
     /// Reported as `unknown`, or a value this snapshot does not know.
+    #[serde(alias = "Unknown")]
     Unknown,
 }
 
@@ -34,6 +40,15 @@ impl Validity {
             "valid" => Validity::Valid,
             "invalid" => Validity::Invalid,
             _ => Validity::Unknown,
+        }
+    }
+
+    /// The value of `valid` in a status report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Validity::Valid => "valid",
+            Validity::Invalid => "invalid",
+            Validity::Unknown => "unknown",
         }
     }
 }

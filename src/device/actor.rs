@@ -41,6 +41,10 @@ struct FleetTransition {
 
 pub(super) type Reply<T> = AtomicResponse<DeviceActor, Result<T, DeviceError>>;
 
+/// One step of a handler's answer, which a longer answer can continue from (a
+/// retroactive binding, an import vouched for by the device channel).
+pub(super) type Step<T> = ResponseActFuture<DeviceActor, Result<T, DeviceError>>;
+
 pub struct DeviceActor {
     pub(super) id: String,
     pub(super) registry: Arc<Registry>,
@@ -116,17 +120,18 @@ impl DeviceActor {
             .ok_or(DeviceError::UnknownEnrollment(id))
     }
 
-    /// A device-channel actor checks the caller against its certificate binding.
+    /// A device-channel actor checks the caller against its certificate binding. A
+    /// device channel without one was imported through `/migration` (every other way in
+    /// is an Authenticate, which binds): it waits for its first certificate (`--retro`).
     fn authorize(&mut self, caller: Caller) -> Result<(), DeviceError> {
         match caller {
             Caller::VouchedByDevice => Ok(()),
             Caller::Certificate(fingerprint) => {
                 let id = self.id.clone();
-                let record = self.record()?;
-                if record.cert_fingerprint == Some(fingerprint) {
-                    Ok(())
-                } else {
-                    Err(DeviceError::CertificateMismatch(id))
+                match self.record()?.cert_fingerprint {
+                    Some(bound) if bound == fingerprint => Ok(()),
+                    Some(_) => Err(DeviceError::CertificateMismatch(id)),
+                    None => Err(DeviceError::ImportedUnbound(id)),
                 }
             }
         }
@@ -138,7 +143,7 @@ impl DeviceActor {
         AtomicResponse::new(self.commit_future(batch, reply))
     }
 
-    fn commit_future<T: 'static>(
+    pub(super) fn commit_future<T: 'static>(
         &mut self,
         batch: Vec<Mutation>,
         reply: T,
@@ -245,7 +250,11 @@ impl DeviceActor {
     }
 
     pub(super) fn immediate<T: 'static>(result: Result<T, DeviceError>) -> Reply<T> {
-        AtomicResponse::new(Box::pin(ready(result)))
+        AtomicResponse::new(Self::done(result))
+    }
+
+    pub(super) fn done<T: 'static>(result: Result<T, DeviceError>) -> Step<T> {
+        Box::pin(ready(result))
     }
 
     /// Answer a device message that changed nothing durable: at once, or, when its
@@ -316,36 +325,51 @@ impl DeviceActor {
         message: Authenticate,
         fingerprint: CertFingerprint,
     ) -> Reply<CheckinReply> {
+        AtomicResponse::new(self.unless_bound_elsewhere(fingerprint, move |act| {
+            act.reenroll(channel, message, Some(fingerprint))
+        }))
+    }
+
+    /// Continue with `then` unless the certificate is bound to another enrollment (one
+    /// certificate, one enrollment). The store's conditional `BindCertificate` settles a
+    /// race this look-up cannot see.
+    pub(super) fn unless_bound_elsewhere<T: 'static>(
+        &mut self,
+        fingerprint: CertFingerprint,
+        then: impl FnOnce(&mut Self) -> Step<T> + 'static,
+    ) -> Step<T> {
         let store = Arc::clone(self.registry.store());
         let lookup = async move { store.cert_binding(&fingerprint).await };
         // The event is recorded by the write that follows the lookup.
         let draft = self.webhook_draft.take();
-        AtomicResponse::new(Box::pin(lookup.into_actor(self).then(
-            move |bound, act, _| match bound {
-                Ok(Some(other)) if other != act.id => {
-                    Box::pin(ready(Err(DeviceError::CertificateBoundElsewhere)))
-                        as ResponseActFuture<Self, _>
-                }
-                Err(e) => Box::pin(ready(Err(e.into()))),
-                Ok(_) => {
-                    act.webhook_draft = draft;
-                    let reenrolled = act.reenroll(channel, message, fingerprint);
-                    act.webhook_draft = None;
-                    reenrolled
-                }
-            },
-        )))
+        Box::pin(
+            lookup
+                .into_actor(self)
+                .then(move |bound, act, _| match bound {
+                    Ok(Some(other)) if other != act.id => {
+                        Self::done(Err(DeviceError::CertificateBoundElsewhere))
+                    }
+                    Err(e) => Self::done(Err(e.into())),
+                    Ok(_) => {
+                        act.webhook_draft = draft;
+                        let step = then(act);
+                        act.webhook_draft = None;
+                        step
+                    }
+                }),
+        )
     }
 
     /// Authenticate starts a new enrollment generation: the queue (and the queues of the
     /// device's user channels) is cleared, the certificate rebound, push disabled until
-    /// the first TokenUpdate, and tokens of the previous enrollment forgotten.
-    fn reenroll(
+    /// the first TokenUpdate, and tokens of the previous enrollment forgotten. An
+    /// imported Authenticate has no certificate: the enrollment is left unbound.
+    pub(super) fn reenroll(
         &mut self,
         channel: Channel,
         message: Authenticate,
-        fingerprint: CertFingerprint,
-    ) -> ResponseActFuture<Self, Result<CheckinReply, DeviceError>> {
+        fingerprint: Option<CertFingerprint>,
+    ) -> Step<CheckinReply> {
         let id = self.id.clone();
         let registry = Arc::clone(&self.registry);
         let loaded = match self.loaded() {
@@ -359,7 +383,7 @@ impl DeviceActor {
             device_id: channel.device_id.clone(),
             kind: channel.kind,
             topic: message.topic.clone(),
-            cert_fingerprint: Some(fingerprint),
+            cert_fingerprint: fingerprint,
             generation: previous.as_ref().map_or(1, |p| p.generation + 1),
             enabled: false,
             push: None,
@@ -377,10 +401,12 @@ impl DeviceActor {
             .chain(record.user_channels.iter().cloned())
             .map(|enrollment_id| Mutation::ClearQueue { enrollment_id })
             .collect();
-        batch.push(Mutation::BindCertificate {
-            fingerprint,
-            enrollment_id: id.clone(),
-        });
+        if let Some(fingerprint) = fingerprint {
+            batch.push(Mutation::BindCertificate {
+                fingerprint,
+                enrollment_id: id.clone(),
+            });
+        }
         batch.push(Mutation::PutEnrollment(record.clone()));
         for user_channel in &record.user_channels {
             if let Some(addr) = registry.resident(user_channel) {
@@ -391,19 +417,30 @@ impl DeviceActor {
         loaded.ddm.reset(now);
         loaded.record = Some(record);
         batch.extend(self.ddm_mutations());
-        tracing::info!(enrollment_id = %self.id, "device authenticated; new enrollment generation");
+        match fingerprint {
+            Some(_) => {
+                tracing::info!(enrollment_id = %self.id, "device authenticated; new enrollment generation")
+            }
+            None => {
+                tracing::info!(enrollment_id = %self.id, "enrollment imported; no certificate bound yet")
+            }
+        }
         self.commit_future(batch, CheckinReply::Accepted)
     }
 
-    fn token_update(&mut self, channel: Channel, message: TokenUpdate) -> Reply<CheckinReply> {
+    pub(super) fn token_update(
+        &mut self,
+        channel: Channel,
+        message: TokenUpdate,
+    ) -> Step<CheckinReply> {
         let now = now_secs();
         let loaded = match self.loaded() {
             Ok(loaded) => loaded,
-            Err(e) => return Self::immediate(Err(e)),
+            Err(e) => return Self::done(Err(e)),
         };
         let first_for_user_channel = loaded.record.is_none() && !channel.is_device_channel();
         if loaded.record.is_none() && !first_for_user_channel {
-            return Self::immediate(Err(DeviceError::NotAuthenticated(channel.id)));
+            return Self::done(Err(DeviceError::NotAuthenticated(channel.id)));
         }
         let record = loaded.record.get_or_insert_with(|| EnrollmentRecord {
             id: channel.id.clone(),
@@ -436,26 +473,24 @@ impl DeviceActor {
         if enrolled_just_now && has_declarations {
             // A (re-)enrolled device has no DDM state: start a sync right away.
             if let Err(e) = self.queue_sync_command(&SyncCommand::WithTokens, &mut batch) {
-                return Self::immediate(Err(e));
+                return Self::done(Err(e));
             }
         }
         if !first_for_user_channel {
-            return self.commit(batch, CheckinReply::Accepted);
+            return self.commit_future(batch, CheckinReply::Accepted);
         }
         let registry = Arc::clone(&self.registry);
         let (device_id, user_channel) = (channel.device_id, channel.id);
-        AtomicResponse::new(Box::pin(self.commit_future(batch, ()).then(
-            move |written, act, _| {
-                async move {
-                    written?;
-                    registry
-                        .call(&device_id, RegisterUserChannel(user_channel))
-                        .await?;
-                    Ok(CheckinReply::Accepted)
-                }
-                .into_actor(act)
-            },
-        )))
+        Box::pin(self.commit_future(batch, ()).then(move |written, act, _| {
+            async move {
+                written?;
+                registry
+                    .call(&device_id, RegisterUserChannel(user_channel))
+                    .await?;
+                Ok(CheckinReply::Accepted)
+            }
+            .into_actor(act)
+        }))
     }
 
     fn check_out(&mut self) -> Reply<CheckinReply> {
@@ -471,14 +506,14 @@ impl DeviceActor {
         }
     }
 
-    fn set_bootstrap_token(
+    pub(super) fn set_bootstrap_token(
         &mut self,
         channel: &Channel,
         token: Option<Vec<u8>>,
         awaiting_configuration: bool,
-    ) -> Reply<CheckinReply> {
+    ) -> Step<CheckinReply> {
         if !channel.is_device_channel() {
-            return Self::immediate(Err(DeviceError::DeviceChannelOnly(
+            return Self::done(Err(DeviceError::DeviceChannelOnly(
                 "SetBootstrapToken".into(),
             )));
         }
@@ -487,9 +522,9 @@ impl DeviceActor {
                 record.bootstrap_token = token;
                 record.awaiting_configuration = awaiting_configuration;
                 let batch = vec![Mutation::PutEnrollment(record.clone())];
-                self.commit(batch, CheckinReply::Accepted)
+                self.commit_future(batch, CheckinReply::Accepted)
             }
-            Err(e) => Self::immediate(Err(e)),
+            Err(e) => Self::done(Err(e)),
         }
     }
 
@@ -901,11 +936,13 @@ impl DeviceActor {
         let channel = checkin.channel;
         match checkin.message {
             CheckinMessage::Authenticate(_) => Self::immediate(Err(DeviceError::Unavailable)),
-            CheckinMessage::TokenUpdate(message) => self.token_update(channel, message),
-            CheckinMessage::CheckOut(_) => self.check_out(),
-            CheckinMessage::SetBootstrapToken(message) => {
-                self.set_bootstrap_token(&channel, message.token, message.awaiting_configuration)
+            CheckinMessage::TokenUpdate(message) => {
+                AtomicResponse::new(self.token_update(channel, message))
             }
+            CheckinMessage::CheckOut(_) => self.check_out(),
+            CheckinMessage::SetBootstrapToken(message) => AtomicResponse::new(
+                self.set_bootstrap_token(&channel, message.token, message.awaiting_configuration),
+            ),
             CheckinMessage::GetBootstrapToken(_) => {
                 let token = self.get_bootstrap_token(&channel);
                 self.answer(token)

@@ -28,6 +28,27 @@ pub enum Caller {
 #[rtype(result = "Result<(), DeviceError>")]
 pub struct Authorize(pub CertFingerprint);
 
+/// A check-in of an enrollment that lives on another MDM server (`PUT /migration`):
+/// Authenticate, TokenUpdate or SetBootstrapToken as that server stored it, imported
+/// without a device identity. The raw plist travels, so a peer can carry it to the
+/// owner of the enrollment's shard.
+#[derive(Clone, Debug, Message, Serialize, Deserialize)]
+#[rtype(result = "Result<(), DeviceError>")]
+pub struct ImportCheckin {
+    pub plist: Vec<u8>,
+}
+
+/// Bind the identity certificate an imported enrollment presents first (`--retro`).
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "Result<(), DeviceError>")]
+pub struct BindImported(pub CertFingerprint);
+
+/// Asked of a device channel before one of its user channels is imported: the device
+/// must have been imported and not yet be bound.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "Result<(), DeviceError>")]
+pub struct VouchForImport;
+
 /// A check-in message for this channel.
 #[derive(Clone, Debug, Message)]
 #[rtype(result = "Result<CheckinReply, DeviceError>")]

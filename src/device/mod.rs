@@ -14,6 +14,7 @@
 mod actor;
 mod declarative;
 pub mod messages;
+mod migration;
 pub mod queue;
 mod remote;
 pub mod tally;
@@ -59,6 +60,9 @@ pub struct DeviceSettings {
     /// The sync doctor's stall deadline (`--ddm-stall-after`), which the fleet tally's
     /// facts carry.
     pub ddm_stall_after_secs: i64,
+    /// `--retro`: an enrollment imported through `/migration` binds the first identity
+    /// certificate it presents (`migration.rs`).
+    pub retro: bool,
 }
 
 /// Why a device message failed. It crosses between nodes (`remote.rs`), hence serde.
@@ -90,6 +94,12 @@ pub enum DeviceError {
     NotLocal,
     #[error("the device actor did not answer")]
     Unavailable,
+    #[error("enrollment {0} was imported through /migration and has no identity certificate bound yet: start Orchard with --retro to bind the first certificate it presents, or re-enroll the device")]
+    ImportedUnbound(String),
+    #[error("enrollment {0} is bound to an identity certificate here already: a migration does not overwrite an enrollment that talks to this server")]
+    AlreadyEnrolled(String),
+    #[error("this check-in cannot be imported: {0}")]
+    Unimportable(Cow<'static, str>),
 }
 
 impl DeviceError {
@@ -109,6 +119,9 @@ impl DeviceError {
             DeviceError::Store(_) => "store_failure",
             DeviceError::NotLocal => "not_local",
             DeviceError::Unavailable => "actor_unavailable",
+            DeviceError::ImportedUnbound(_) => "imported_enrollment_unbound",
+            DeviceError::AlreadyEnrolled(_) => "already_enrolled",
+            DeviceError::Unimportable(_) => "unimportable_checkin",
         }
     }
 }

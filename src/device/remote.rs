@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use super::messages::{
     AssignSet, Assigned, Cancel, DdmView, DeviceSnapshot, Enqueue, GetDdmView, GetPushTarget,
-    InvalidatePushToken, PushDecision, Snapshot, SyncCommand, SyncDeclarations,
+    ImportCheckin, InvalidatePushToken, PushDecision, Snapshot, SyncCommand, SyncDeclarations,
 };
 use super::{DeviceActor, DeviceError, Registry};
 use crate::cluster::{shard_of, Route, ShardId};
@@ -317,6 +317,7 @@ pub async fn answer_batch(
         AssignSet::KIND => answer::<AssignSet>(registry, body).await,
         SyncDeclarations::KIND => answer::<SyncDeclarations>(registry, body).await,
         GetDdmView::KIND => answer::<GetDdmView>(registry, body).await,
+        ImportCheckin::KIND => answer::<ImportCheckin>(registry, body).await,
         other => Err(BatchError::UnknownKind(other.to_string())),
     }
 }
@@ -395,6 +396,11 @@ impl RemoteMessage for SyncDeclarations {
 impl RemoteMessage for GetDdmView {
     type Reply = DdmView;
     const KIND: &'static str = "ddm-view";
+}
+
+impl RemoteMessage for ImportCheckin {
+    type Reply = ();
+    const KIND: &'static str = "import-checkin";
 }
 
 impl SyncCommand {

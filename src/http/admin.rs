@@ -108,6 +108,11 @@ async fn get_device(
         "pending_commands": pending.len(),
         "device_info": device_info,
     });
+    if record.id == record.device_id {
+        // False only for an enrollment imported through /migration that has not yet
+        // presented its identity certificate (it binds the first one with --retro).
+        view["identity_bound"] = record.cert_fingerprint.is_some().into();
+    }
     if let Some(cluster) = &state.cluster {
         let shard = crate::cluster::shard_of(&record.id);
         view["shard"] = shard.0.into();

@@ -4,30 +4,35 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
-use actix_web::http::StatusCode;
+use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::body::read_body;
-use super::nanohub::rfc3339;
+use super::nanohub::{rfc3339, route_ids};
 use super::rejection::Rejection;
 use super::AppState;
 use crate::commands;
 use crate::ddm::catalog::{CatalogError, Change};
 use crate::ddm::doctor::{diagnose, EnrollmentFacts, Finding};
 use crate::ddm::fleet::minute_floor;
+use crate::ddm::kmfddm::{self, PathPrefix};
 use crate::ddm::sync::DdmState;
-use crate::ddm::{Issue, Validity};
+use crate::ddm::Issue;
 use crate::device::messages::{DdmView, GetDdmView};
 use crate::device::tally::{fleet_view, FleetShare, FleetView};
 use crate::device::DeviceError;
+use crate::store::StoredReport;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     let resource = |path: &str| web::resource(format!("/ddm{path}"));
-    cfg.service(
+    cfg.app_data(web::QueryConfig::default().error_handler(|err, _| {
+        Rejection::api(StatusCode::BAD_REQUEST, "bad_query", err.to_string()).into()
+    }))
+    .service(
         resource("/declarations")
             .get(list_declarations)
             .put(put_declaration),
@@ -45,6 +50,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .put(add_to_set)
             .delete(remove_from_set),
     )
+    .service(resource("/enrollment-sets-all/{enrollment}").delete(unassign_all_sets))
+    .service(resource("/enrollment-sets-all/sets/{enrollment}").delete(unassign_all_sets))
     .service(resource("/declaration-sets/{id}").get(declaration_sets))
     .service(
         resource("/enrollment-sets/{enrollment}")
@@ -55,6 +62,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .service(resource("/declaration-status/{enrollment}").get(declaration_status))
     .service(resource("/status-errors/{enrollment}").get(status_errors))
     .service(resource("/status-values/{enrollment}").get(status_values))
+    .service(resource("/status-report/{enrollment}").get(status_report))
     .service(resource("/notify").post(notify))
     .service(resource("/tokens").get(mounted_tokens))
     .service(resource("/declaration-items").get(mounted_items))
@@ -73,7 +81,17 @@ struct NotifyFlag {
 
 impl NotifyFlag {
     fn notify(&self) -> bool {
-        self.nonotify.is_none()
+        notify_wanted(self.nonotify.as_deref())
+    }
+}
+
+/// Whether a write should sync the enrollments it affects, from its `nonotify` query
+/// parameter: KMFDDM's booleans (`nonotify=1`, `true`, … skip the sync; `0`, `false`,
+/// `no`, `off` do not), and a bare `?nonotify` skips it too.
+fn notify_wanted(nonotify: Option<&str>) -> bool {
+    match nonotify.map(str::to_ascii_lowercase).as_deref() {
+        None | Some("0" | "false" | "no" | "off") => true,
+        Some(_) => false,
     }
 }
 
@@ -178,15 +196,16 @@ async fn get_declaration(
         .body(declaration.to_device_json()))
 }
 
+/// `DELETE /api/v1/ddm/declarations/{id}`: 204 when deleted, 304 when there was none,
+/// 409 while a set still holds it.
 async fn delete_declaration(
     id: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Rejection> {
     match state.registry.catalog().delete_declaration(&id).await {
-        Ok(true) => Ok(HttpResponse::NoContent().finish()),
-        Ok(false) => Err(catalog_error(CatalogError::UnknownDeclaration(
-            id.to_string(),
-        ))),
+        // Nothing to delete is no change (KMFDDM's 304): scripts that delete
+        // idempotently treat it as success.
+        Ok(deleted) => Ok(change_status(deleted)),
         Err(e) => Err(catalog_error(e)),
     }
 }
@@ -237,7 +256,7 @@ async fn change_set_membership(
         .change_set(set, &query.declaration, add)
         .await
         .map_err(catalog_error)?;
-    Ok(changed_response(state, change, query.nonotify.is_none()).await)
+    Ok(changed_response(state, change, notify_wanted(query.nonotify.as_deref())).await)
 }
 
 async fn add_to_set(
@@ -282,30 +301,57 @@ struct SetQuery {
     nonotify: Option<String>,
 }
 
+/// Assign or unassign one set of one enrollment; answers whether that changed anything.
+async fn assignment_changed(
+    state: &AppState,
+    enrollment: &str,
+    set: &str,
+    assign: bool,
+    sync: bool,
+) -> Result<bool, Rejection> {
+    let ids = [enrollment.to_string()];
+    let mut outcome = commands::assign_set(&state.registry, &*state.push, &ids, set, assign, sync)
+        .await
+        .map_err(Rejection::store_failure)?;
+    match outcome.pop().map(|(_, changed)| changed) {
+        Some(Ok(changed)) => Ok(changed),
+        Some(Err(e)) => Err(device_error(e)),
+        None => Err(device_error(DeviceError::Unavailable)),
+    }
+}
+
+/// KMFDDM's answer to a write: 204 when something changed, 304 when nothing did.
+fn change_status(changed: bool) -> HttpResponse {
+    match changed {
+        true => HttpResponse::NoContent().finish(),
+        false => HttpResponse::NotModified().finish(),
+    }
+}
+
 async fn change_assignment(
     state: &AppState,
     enrollment: &str,
     query: &SetQuery,
     assign: bool,
 ) -> Result<HttpResponse, Rejection> {
-    let ids = [enrollment.to_string()];
-    let sync = query.nonotify.is_none();
-    let mut outcome = commands::assign_set(
-        &state.registry,
-        &*state.push,
-        &ids,
-        &query.set,
-        assign,
-        sync,
-    )
-    .await
-    .map_err(Rejection::store_failure)?;
-    match outcome.pop().map(|(_, changed)| changed) {
-        Some(Ok(true)) => Ok(HttpResponse::NoContent().finish()),
-        Some(Ok(false)) => Ok(HttpResponse::NotModified().finish()),
-        Some(Err(e)) => Err(device_error(e)),
-        None => Err(device_error(DeviceError::Unavailable)),
+    let sync = notify_wanted(query.nonotify.as_deref());
+    let changed = assignment_changed(state, enrollment, &query.set, assign, sync).await?;
+    Ok(change_status(changed))
+}
+
+/// `DELETE /api/v1/ddm/enrollment-sets-all/{enrollment}` (also at KMFDDM's own path
+/// `…/enrollment-sets-all/sets/{enrollment}`): unassign every set of the enrollment.
+async fn unassign_all_sets(
+    enrollment: web::Path<String>,
+    flag: web::Query<NotifyFlag>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    let view = ddm_view(&state, &enrollment).await?;
+    let mut changed = false;
+    for set in &view.state.sets {
+        changed |= assignment_changed(&state, &enrollment, set, false, flag.notify()).await?;
     }
+    Ok(change_status(changed))
 }
 
 async fn assign_set(
@@ -324,61 +370,72 @@ async fn unassign_set(
     change_assignment(&state, &enrollment, &query, false).await
 }
 
-/// KMFDDM's per-declaration status, with `current` = the reported token is the one served now.
-async fn declaration_status(
-    enrollment: web::Path<String>,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, Rejection> {
-    let view = ddm_view(&state, &enrollment).await?;
-    let snapshot = state.registry.catalog().manifest(&view.state.sets);
-    let received = view.state.status.last_report_at.map(rfc3339);
-    let rows: Vec<Value> = view
-        .state
-        .status
-        .declarations
-        .values()
-        .map(|d| {
-            let current = snapshot
-                .manifest
-                .item(d.category, &d.identifier)
-                .is_some_and(|item| item.server_token == d.server_token);
-            json!({
-                "identifier": d.identifier,
-                "active": d.active,
-                "valid": d.valid,
-                "server-token": d.server_token,
-                "ManifestType": d.category.status_key(),
-                "current": current,
-                "reasons": d.reasons.iter().map(|r| json!({"code": r.code, "description": r.description, "details": r.details})).collect::<Vec<_>>(),
-                "status_received": received,
-            })
-        })
-        .collect();
-    Ok(HttpResponse::Ok().json(json!({ enrollment.as_str(): rows })))
+/// The DDM views of the comma-separated enrollments of a KMFDDM status route that
+/// exist: KMFDDM leaves unknown ids (and ids with nothing to show) out of its answer.
+async fn known_views(
+    req: &HttpRequest,
+    ids: &str,
+    state: &AppState,
+) -> Result<Vec<(String, DdmView)>, Rejection> {
+    let ids = route_ids(req, ids)?;
+    let mut known = Vec::with_capacity(ids.len());
+    for (id, view) in state.registry.call_all(&ids, GetDdmView).await {
+        match view {
+            Ok(view) => known.push((id, view)),
+            Err(DeviceError::UnknownEnrollment(_)) => {}
+            Err(e) => return Err(device_error(e)),
+        }
+    }
+    Ok(known)
 }
 
-/// Declaration errors and status-item errors; `{}` when there are none (as KMFDDM).
-async fn status_errors(
-    enrollment: web::Path<String>,
+/// `{"<id>": [rows], ...}` with only the enrollments that have rows (`{}` when none).
+fn rows_by_enrollment(
+    views: &[(String, DdmView)],
+    rows_of: impl Fn(&DdmView, &str) -> Vec<Value>,
+) -> HttpResponse {
+    let answer: serde_json::Map<String, Value> = views
+        .iter()
+        .filter_map(|(id, view)| {
+            let received = view
+                .state
+                .status
+                .last_report_at
+                .map(rfc3339)
+                .unwrap_or_default();
+            let rows = rows_of(view, &received);
+            (!rows.is_empty()).then(|| (id.clone(), Value::Array(rows)))
+        })
+        .collect();
+    HttpResponse::Ok().json(answer)
+}
+
+/// `GET /api/v1/ddm/declaration-status/{id[,id...]}`: each declaration as the device
+/// reported it, with `current` = the reported token is the one served now (KMFDDM's shape).
+async fn declaration_status(
+    req: HttpRequest,
+    ids: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Rejection> {
-    let view = ddm_view(&state, &enrollment).await?;
-    let received = view.state.status.last_report_at.map(rfc3339);
-    let mut rows: Vec<Value> = view
-        .state
-        .status
-        .declarations
-        .values()
-        .filter(|d| !d.active && d.valid != Validity::Valid || d.reasons.iter().any(|r| r.code.starts_with("Error.")))
-        .map(|d| json!({ "path": format!("declaration:{}", d.identifier), "error": d.reasons.iter().map(|r| json!({"code": r.code, "description": r.description, "details": r.details})).collect::<Vec<_>>(), "timestamp": received }))
-        .collect();
-    rows.extend(view.state.status.errors.iter().map(|e| {
-        json!({ "path": e.status_item, "error": e.reasons.iter().map(|r| json!({"code": r.code, "description": r.description, "details": r.details})).collect::<Vec<_>>(), "timestamp": received })
-    }));
-    if rows.is_empty() {
-        return Ok(HttpResponse::Ok().json(json!({})));
-    }
-    Ok(HttpResponse::Ok().json(json!({ enrollment.as_str(): rows })))
+    let views = known_views(&req, &ids, &state).await?;
+    let catalog = state.registry.catalog();
+    Ok(rows_by_enrollment(&views, |view, received| {
+        let snapshot = catalog.manifest(&view.state.sets);
+        kmfddm::declaration_status(&view.state.status, &snapshot.manifest, received)
+    }))
+}
+
+/// `GET /api/v1/ddm/status-errors/{id[,id...]}`: declarations the device could not apply
+/// and the status items it could not report (KMFDDM's shape; `{}` when there are none).
+async fn status_errors(
+    req: HttpRequest,
+    ids: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    let views = known_views(&req, &ids, &state).await?;
+    Ok(rows_by_enrollment(&views, |view, received| {
+        kmfddm::status_errors(&view.state.status, received)
+    }))
 }
 
 #[derive(Deserialize)]
@@ -386,24 +443,23 @@ struct PrefixQuery {
     prefix: Option<String>,
 }
 
-/// Flattened status values as `.StatusItems.<path>` rows, optionally filtered by prefix.
+/// `GET /api/v1/ddm/status-values/{id[,id...]}?prefix=`: reported values as strings under
+/// their `.StatusItems.…` paths; `prefix` is KMFDDM's `LIKE` pattern (`.StatusItems.device.%`).
 async fn status_values(
-    enrollment: web::Path<String>,
+    req: HttpRequest,
+    ids: web::Path<String>,
     query: web::Query<PrefixQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Rejection> {
-    let view = ddm_view(&state, &enrollment).await?;
-    let received = view.state.status.last_report_at.map(rfc3339);
-    let rows: Vec<Value> = view
-        .state
-        .status
-        .values
-        .iter()
-        .map(|(path, value)| (format!(".StatusItems.{path}"), value))
-        .filter(|(path, _)| query.prefix.as_deref().is_none_or(|p| path.starts_with(p)))
-        .map(|(path, value)| json!({ "path": path, "value": value, "timestamp": received }))
-        .collect();
-    Ok(HttpResponse::Ok().json(json!({ enrollment.as_str(): rows })))
+    let views = known_views(&req, &ids, &state).await?;
+    let prefix = query
+        .prefix
+        .as_deref()
+        .filter(|p| !p.is_empty())
+        .map(PathPrefix::new);
+    Ok(rows_by_enrollment(&views, |view, received| {
+        kmfddm::status_values(&view.state.status, prefix.as_ref(), received)
+    }))
 }
 
 /// `POST /api/v1/ddm/notify?id=&set=&declaration=`: force a sync of the targets.
@@ -621,20 +677,8 @@ async fn device_reports(
     id: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Rejection> {
-    let known = state
-        .store
-        .enrollment(&id)
-        .await
-        .map_err(Rejection::store_failure)?;
-    if known.is_none() {
-        return Err(device_error(DeviceError::UnknownEnrollment(id.to_string())));
-    }
-    let reports = state
-        .store
-        .ddm_reports(&id)
-        .await
-        .map_err(Rejection::store_failure)?;
-    let reports: Vec<Value> = reports
+    let reports: Vec<Value> = kept_reports(&state, &id)
+        .await?
         .into_iter()
         .map(|report| {
             let body =
@@ -646,6 +690,71 @@ async fn device_reports(
         "enrollment_id": id.as_str(),
         "reports": reports,
     })))
+}
+
+/// The raw status reports kept for a known enrollment, oldest first.
+async fn kept_reports(state: &AppState, id: &str) -> Result<Vec<StoredReport>, Rejection> {
+    let known = state
+        .store
+        .enrollment(id)
+        .await
+        .map_err(Rejection::store_failure)?;
+    if known.is_none() {
+        return Err(device_error(DeviceError::UnknownEnrollment(id.to_string())));
+    }
+    state
+        .store
+        .ddm_reports(id)
+        .await
+        .map_err(Rejection::store_failure)
+}
+
+#[derive(Deserialize)]
+struct ReportQuery {
+    index: Option<String>,
+    status_id: Option<String>,
+}
+
+fn no_such_report(detail: String) -> Rejection {
+    Rejection::api(StatusCode::NOT_FOUND, "status_report_not_found", detail)
+}
+
+/// `GET /api/v1/ddm/status-report/{id}?index=N` (KMFDDM): a kept status report exactly
+/// as the device sent it, index 0 being the newest, with KMFDDM's `Last-Modified` and
+/// `X-Status-Report-Index` headers. Orchard keeps the last two reports and no status ids.
+async fn status_report(
+    id: web::Path<String>,
+    query: web::Query<ReportQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, Rejection> {
+    let index = match query.index.as_deref() {
+        None => 0,
+        Some(text) => text.parse::<usize>().map_err(|_| {
+            Rejection::api(
+                StatusCode::BAD_REQUEST,
+                "bad_index",
+                format!("index must be 0 (the newest report) or more, not {text:?}"),
+            )
+        })?,
+    };
+    if let Some(status_id) = &query.status_id {
+        return Err(no_such_report(format!(
+            "no report has status id {status_id}: Orchard keeps no status ids, ask by index"
+        )));
+    }
+    let reports = kept_reports(&state, &id).await?;
+    let Some(report) = reports.iter().rev().nth(index) else {
+        return Err(no_such_report(format!(
+            "enrollment {id} has {} kept status report(s); index {index} is past them",
+            reports.len()
+        )));
+    };
+    let received = UNIX_EPOCH + Duration::from_secs(report.received_at.max(0) as u64);
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .insert_header(header::LastModified(received.into()))
+        .insert_header(("X-Status-Report-Index", index.to_string()))
+        .body(report.json.clone()))
 }
 
 /// `GET /api/v1/ddm/diagnosis`: enrollments per doctor rule across the fleet, as of the

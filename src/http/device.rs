@@ -13,9 +13,9 @@ use super::rejection::Rejection;
 use super::AppState;
 use crate::cluster::{shard_of, Route};
 use crate::device::messages::{
-    Authorize, Caller, CheckinReply, HandleCheckin, HandleConnect, UnparseableResult,
+    Authorize, BindImported, Caller, CheckinReply, HandleCheckin, HandleConnect, UnparseableResult,
 };
-use crate::device::DeviceError;
+use crate::device::{DeviceActor, DeviceError};
 use crate::identity::CertFingerprint;
 use crate::protocol::checkin::{decode_checkin, Checkin};
 use crate::protocol::connect::{decode_connect, ConnectReport};
@@ -171,12 +171,44 @@ async fn caller_for(
     if channel.is_device_channel() {
         return Ok(Caller::Certificate(fingerprint));
     }
-    state
-        .registry
-        .call(&channel.device_id, Authorize(fingerprint))
-        .await
-        .map_err(Rejection::from_device)?;
+    call_as_device(
+        state,
+        &channel.device_id,
+        &channel.device_id,
+        fingerprint,
+        Authorize(fingerprint),
+    )
+    .await
+    .map_err(Rejection::from_device)?;
     Ok(Caller::VouchedByDevice)
+}
+
+/// Send `msg` to the actor of `id` on behalf of the device whose channel is
+/// `device_id`. When that device was imported through `/migration` and has no
+/// certificate yet, `--retro` binds this one first and the message is sent again;
+/// without `--retro` the device is refused (`ImportedUnbound`, saying so).
+async fn call_as_device<M, T>(
+    state: &AppState,
+    id: &str,
+    device_id: &str,
+    fingerprint: CertFingerprint,
+    msg: M,
+) -> Result<T, DeviceError>
+where
+    M: actix::Message<Result = Result<T, DeviceError>> + Clone + Send + 'static,
+    T: Send + 'static,
+    DeviceActor: actix::Handler<M>,
+{
+    match state.registry.call(id, msg.clone()).await {
+        Err(DeviceError::ImportedUnbound(_)) if state.registry.settings().retro => {
+            state
+                .registry
+                .call::<BindImported, ()>(device_id, BindImported(fingerprint))
+                .await?;
+            state.registry.call(id, msg).await
+        }
+        answer => answer,
+    }
 }
 
 async fn handle_checkin(
@@ -204,16 +236,13 @@ async fn checkin_in_span(
     let started = Instant::now();
     let caller = caller_for(&checkin.channel, fingerprint, state).await?;
     let id = checkin.channel.id.clone();
-    let reply = state
-        .registry
-        .call(
-            &id,
-            HandleCheckin {
-                checkin,
-                raw,
-                caller,
-            },
-        )
+    let device_id = checkin.channel.device_id.clone();
+    let message = HandleCheckin {
+        checkin,
+        raw,
+        caller,
+    };
+    let reply = call_as_device(state, &id, &device_id, fingerprint, message)
         .await
         .map_err(Rejection::from_device)?;
     metrics::counter!("orchard_checkin_messages_total", "message_type" => message_type)
@@ -242,17 +271,14 @@ async fn handle_connect(
     let status = report.status.as_str();
     let caller = caller_for(&report.channel, fingerprint, state).await?;
     let id = report.channel.id.clone();
+    let device_id = report.channel.device_id.clone();
     let command_uuid = report.command_uuid.clone().unwrap_or_default();
-    let next = state
-        .registry
-        .call(
-            &id,
-            HandleConnect {
-                report,
-                raw: body,
-                caller,
-            },
-        )
+    let message = HandleConnect {
+        report,
+        raw: body,
+        caller,
+    };
+    let next = call_as_device(state, &id, &device_id, fingerprint, message)
         .await
         .map_err(Rejection::from_device)?;
     metrics::counter!("orchard_connect_reports_total", "status" => status).increment(1);

@@ -1,5 +1,5 @@
 //! The HTTP surface: device endpoints (`/mdm`, `/checkin`, `/mdm/enroll`), the admin API
-//! (`/api/v1/...`, API-key protected), operations endpoints (`/metrics`, `/healthz`,
+//! (`/api/v1/...` and NanoMDM's `/migration`, API-key protected), operations endpoints (`/metrics`, `/healthz`,
 //! `/readyz`, `/version`), and the node-to-node routes under `/internal/` (cluster mode,
 //! signed with the cluster secret). Handlers translate HTTP to device-actor messages and
 //! back; protocol decoding lives in `protocol`, state in `device`.
@@ -11,6 +11,7 @@ mod ddm;
 mod device;
 pub mod identity;
 mod internal;
+mod migration;
 mod nanohub;
 pub mod rejection;
 pub mod tls;
@@ -95,6 +96,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/version", web::get().to(version))
             .route("/api/v1/openapi.json", web::get().to(admin::openapi))
             .configure(internal::routes)
+            .service(
+                web::resource("/migration")
+                    .wrap(from_fn(auth::require_api_key))
+                    .route(web::put().to(migration::import)),
+            )
             .service(
                 web::scope("/api/v1")
                     .wrap(from_fn(auth::require_api_key))

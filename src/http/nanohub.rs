@@ -26,7 +26,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 
 /// Comma-separated enrollment ids from the last path segment; empty entries are ignored.
 /// A segment too long for a URI (10,000 UDIDs run to ~370 KB) arrives aside from the URI.
-fn route_ids(req: &HttpRequest, segment: &str) -> Result<Vec<String>, Rejection> {
+pub(super) fn route_ids(req: &HttpRequest, segment: &str) -> Result<Vec<String>, Rejection> {
     if segment != actix_http::LONG_PATH_SEGMENT_MARKER {
         return split_ids(segment);
     }

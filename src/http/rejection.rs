@@ -91,11 +91,14 @@ impl Rejection {
         let status = match &e {
             DeviceError::UnknownEnrollment(_)
             | DeviceError::CertificateMismatch(_)
-            | DeviceError::CertificateBoundElsewhere => StatusCode::FORBIDDEN,
+            | DeviceError::CertificateBoundElsewhere
+            | DeviceError::ImportedUnbound(_) => StatusCode::FORBIDDEN,
             DeviceError::NotAuthenticated(_)
             | DeviceError::DeviceChannelOnly(_)
             | DeviceError::NoTokenService(_)
-            | DeviceError::NotPushable(_) => StatusCode::BAD_REQUEST,
+            | DeviceError::NotPushable(_)
+            | DeviceError::Unimportable(_) => StatusCode::BAD_REQUEST,
+            DeviceError::AlreadyEnrolled(_) => StatusCode::CONFLICT,
             DeviceError::UserAuthenticateDeclined => StatusCode::GONE,
             DeviceError::DeclarationNotFound(_) | DeviceError::UnknownDdmEndpoint(_) => {
                 StatusCode::NOT_FOUND

@@ -35,6 +35,15 @@ pub fn fixture(name: &str) -> Vec<u8> {
     .unwrap_or_else(|e| panic!("fixture {name}: {e}"))
 }
 
+/// The body of the `REQUEST` or `RESPONSE` part of a recorded NanoHUB exchange.
+pub fn transcript_body(name: &str, part: &str) -> String {
+    let text = String::from_utf8(fixture(&format!("nanohub-transcripts/{name}"))).unwrap();
+    let marker = format!("=============================== {part} ");
+    let after_marker = &text[text.find(&marker).expect("part is recorded")..];
+    let body = &after_marker[after_marker.find("\n\n").unwrap() + 2..];
+    body[..body.find("\n====").unwrap()].to_string()
+}
+
 pub fn fixture_dict(name: &str) -> Dictionary {
     plist::from_bytes(&fixture(name)).expect("fixture is a plist dictionary")
 }
