@@ -280,6 +280,15 @@ mod tests {
     }
 
     #[test]
+    fn retro_binding_is_off_unless_asked_for() {
+        let parse = |args: &[&str]| match Cli::try_parse_from(args).unwrap().command {
+            Command::Serve(args) => args.retro,
+        };
+        assert!(!parse(&["orchard", "serve"]));
+        assert!(parse(&["orchard", "serve", "--retro"]));
+    }
+
+    #[test]
     fn a_tls_certificate_without_its_key_is_refused() {
         assert!(Cli::try_parse_from(["orchard", "serve", "--tls-cert", "c.pem"]).is_err());
     }

@@ -951,7 +951,10 @@ async fn the_kmfddm_status_routes_answer_as_nanohub_did() {
         .unwrap();
     assert_eq!(response.status().as_u16(), 200);
     assert_eq!(content_type_of(&response), "application/json");
-    assert_eq!(response.headers()["x-status-report-index"], "0");
+    assert_eq!(
+        response.headers().get("x-status-report-index").unwrap(),
+        "0"
+    );
     assert!(response.headers().contains_key("last-modified"));
     assert_eq!(
         body_of(response).await,
