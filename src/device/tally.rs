@@ -22,8 +22,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::ddm::catalog::ManifestSnapshot;
-use crate::ddm::doctor::EnrollmentFacts;
-use crate::ddm::fleet::{DeclarationCounts, FleetCounts, FleetFacts, ManifestLookup};
+use crate::ddm::doctor::{EnrollmentFacts, RULES};
+use crate::ddm::fleet::{
+    DeclarationCounts, FleetCounts, FleetFacts, ManifestLookup, ASSIGNMENT_STATES,
+};
 use crate::ddm::sync::DdmState;
 use crate::store::{FleetRows, Store};
 
@@ -258,6 +260,40 @@ impl FleetTally {
             Ok(Ok(_)) => Ok(()),
             _ => Err(self.lock().walk.as_ref().map_or(0, |w| w.walked)),
         }
+    }
+
+    /// Whether the startup walk has ended (the counts are the fleet's).
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// Set the DDM gauges to the fleet at `as_of` (a minute boundary): every rule and
+    /// assignment state, so one that drops to 0 reads 0. Until the startup walk ends they
+    /// keep the 0 they were registered with.
+    pub fn publish(
+        &self,
+        manifest_of: &dyn Fn(&BTreeSet<String>) -> Arc<ManifestSnapshot>,
+        as_of: i64,
+    ) {
+        if !self.is_ready() {
+            return;
+        }
+        let summary = self
+            .lock()
+            .counts
+            .summary(&mut ManifestLookup::new(manifest_of), as_of);
+        let count =
+            |counts: &BTreeMap<&str, u64>, key: &str| counts.get(key).copied().unwrap_or(0) as f64;
+        for rule in RULES {
+            metrics::gauge!("orchard_ddm_enrollments_with_finding", "rule" => rule)
+                .set(count(&summary.findings, rule));
+        }
+        for state in ASSIGNMENT_STATES {
+            metrics::gauge!("orchard_ddm_declaration_assignments", "state" => state)
+                .set(count(&summary.assignments, state));
+        }
+        metrics::gauge!("orchard_ddm_enrollments_converged").set(summary.converged as f64);
+        metrics::gauge!("orchard_fleet_tally_enrollments").set(summary.enrollments as f64);
     }
 
     /// The fleet view (see [`FleetCounts::declarations`]).

@@ -641,9 +641,6 @@ async fn fleet_diagnosis(state: web::Data<AppState>) -> Result<HttpResponse, Rej
     let catalog = Arc::clone(state.registry.catalog());
     let as_of = minute_floor(crate::device::now_secs());
     let (per_rule, enrollments) = tally.findings(&|sets| catalog.manifest(sets), as_of);
-    for (rule, count) in &per_rule {
-        metrics::gauge!("orchard_ddm_enrollments_with_finding", "rule" => *rule).set(*count as f64);
-    }
     Ok(HttpResponse::Ok().json(json!({
         "rules": per_rule,
         "enrollments": enrollments,
