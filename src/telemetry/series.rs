@@ -36,7 +36,7 @@ const DEVICE_ENDPOINTS: [(&str, &str); 3] =
     [("/mdm", "PUT"), ("/checkin", "PUT"), ("/mdm/enroll", "GET")];
 
 /// The store reads a device request makes (both stores name them alike).
-const DEVICE_PATH_READS: [&str; 4] = ["enrollment", "cert_binding", "queue", "command"];
+const DEVICE_PATH_READS: [&str; 4] = ["device", "cert_binding", "queue", "command"];
 
 /// Push outcomes with the reason label each is counted under (APNs' reason for an
 /// invalid token, the most common one here; for failures, exhausted retries).
