@@ -1,7 +1,8 @@
 //! The monitoring files (`deploy/grafana/`, `deploy/prometheus/`) against a real Orchard:
 //!
 //! * every series a dashboard panel or an alert rule reads is on `/metrics` from start-up,
-//!   so a quiet server graphs 0 rather than "no data";
+//!   so a quiet server graphs 0 rather than "no data" (on a cluster node too, with
+//!   `ORCHARD_TEST_CQL`);
 //! * the series registered at start-up are the very ones traffic then counts (same
 //!   labels);
 //! * a real Prometheus (Debian's `prometheus` package; CI installs it) scrapes Orchard,
@@ -122,9 +123,28 @@ fn value_of(metrics: &str, series: &str) -> Option<f64> {
 
 #[actix_rt::test]
 async fn every_series_the_dashboard_and_the_alerts_read_is_exported_from_start_up() {
-    let mut server = Server::start();
+    assert_exports_every_series_read_from_start_up(Server::start()).await;
+}
+
+#[actix_rt::test]
+async fn a_cluster_node_exports_them_from_start_up_too() {
+    let Some(cql) = cql::server() else {
+        cql::skip("monitoring of a cluster node");
+        return;
+    };
+    let store = StoreUnderTest::Cql {
+        nodes: vec![cql],
+        keyspace: cql::fresh_keyspace(),
+    };
+    let node = Server::start_on(store, &["--cluster-secret", "monitoring-test-secret"]);
+    assert_exports_every_series_read_from_start_up(node).await;
+}
+
+/// Upload a push certificate, restart `server` (a topic's series come from the stored
+/// certificate at start-up), and compare its `/metrics` with what the dashboards and
+/// the alert rules read.
+async fn assert_exports_every_series_read_from_start_up(mut server: Server) {
     upload_push_cert(&server).await;
-    // A push topic's series come from the stored certificate at start-up.
     server.restart();
     let exported = exported_series(&metrics_text(&server).await);
 
@@ -173,8 +193,11 @@ async fn the_series_exported_at_start_up_are_the_ones_traffic_counts() {
     let device = Device::new(&server, "monitoring-device");
     device.enroll(&server).await;
     assert_eq!(device.connect(&server, device.idle()).await.0, 200);
-    // The fleet tally counts the device once it has a DDM state.
+    // The fleet tally counts the device once it has a DDM state (and the startup walk
+    // is over: the fleet diagnosis answers).
     ddm(&server, &device, "tokens", None).await;
+    let (status, diagnosis) = api_get(&server, "/api/v1/ddm/diagnosis").await;
+    assert_eq!(status, 200, "{diagnosis}");
 
     let after = metrics_text(&server).await;
     for series in &counted {
