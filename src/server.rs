@@ -40,6 +40,7 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
     telemetry::init_logging();
     let metrics = telemetry::install_metrics().map_err(|e| fail("metrics", e))?;
     validate(&args)?;
+    telemetry::series::export_at_startup(store_series(&args), membership(&args));
     std::fs::create_dir_all(&args.data_dir).map_err(|e| {
         fail(
             &format!("cannot create data dir {}", args.data_dir.display()),
@@ -130,7 +131,7 @@ pub fn serve(args: ServeArgs) -> Result<(), StartupError> {
     };
     let timeout = http_settings.body_timeout;
     actix_web::rt::System::new().block_on(async move {
-        publish_push_cert_expiry(&*store).await;
+        publish_push_topics(&*store).await;
         let catalog = Arc::new(load_catalog(&store).await?);
         let registry = Registry::new(
             Arc::clone(&store),
@@ -337,7 +338,20 @@ fn cluster_settings(
     })
 }
 
-/// Expiry of every stored push certificate, for alerting from the first scrape on.
+fn store_series(args: &ServeArgs) -> telemetry::series::StoreSeries {
+    match args.store {
+        StoreKind::Embedded => telemetry::series::StoreSeries::Embedded,
+        StoreKind::Scylla => telemetry::series::StoreSeries::Cql,
+    }
+}
+
+fn membership(args: &ServeArgs) -> telemetry::series::Membership {
+    match (args.store, &args.cluster_secret) {
+        (StoreKind::Scylla, Some(_)) => telemetry::series::Membership::Clustered,
+        _ => telemetry::series::Membership::Alone,
+    }
+}
+
 /// How long startup waits out a store that answers but cannot serve reads yet (a
 /// database node that just died and is not yet known to be down).
 const STARTUP_READ_PATIENCE: Duration = Duration::from_secs(60);
@@ -358,12 +372,13 @@ async fn load_catalog(store: &Arc<dyn Store>) -> Result<Catalog, StartupError> {
     }
 }
 
-async fn publish_push_cert_expiry(store: &dyn Store) {
+/// Every stored push topic's series (its certificate's expiry among them), for alerting
+/// from the first scrape on.
+async fn publish_push_topics(store: &dyn Store) {
     match store.push_certs().await {
         Ok(certs) => {
             for cert in certs {
-                metrics::gauge!("orchard_push_cert_expiry_seconds", "topic" => cert.topic)
-                    .set(cert.not_after as f64);
+                telemetry::series::push_topic(&cert.topic, cert.not_after);
             }
         }
         Err(e) => tracing::warn!(error = %e, "could not read push certificates"),

@@ -80,8 +80,7 @@ async fn reconnect_changed_topics(
             continue;
         }
         push.certificate_changed(&cert.topic);
-        metrics::gauge!("orchard_push_cert_expiry_seconds", "topic" => cert.topic.clone())
-            .set(cert.not_after as f64);
+        crate::telemetry::series::push_topic(&cert.topic, cert.not_after);
         metrics::counter!("orchard_shared_state_reloads_total", "kind" => "push_cert").increment(1);
         tracing::info!(topic = %cert.topic, "push certificate changed on another node");
         known.insert(cert.topic, cert.cert_pem);

@@ -35,8 +35,11 @@ async fn shards_spread_over_live_nodes_and_move_when_one_dies_or_leaves() {
         assert_eq!(status, 200, "a node holding its lease is ready: {body}");
     }
 
+    gauges_settle(&nodes, 3).await;
+
     nodes[2].kill9();
     let takeover = settled(&nodes[0], &["node-a", "node-b"], LEASE * 4).await;
+    gauges_settle(&nodes[..2], 2).await;
     assert!(
         takeover <= LEASE * 2 + Duration::from_millis(500),
         "a killed node's shards are served again within 2 × lease: {takeover:?}"
@@ -55,6 +58,34 @@ async fn shards_spread_over_live_nodes_and_move_when_one_dies_or_leaves() {
         handoff < LEASE,
         "handed-over shards are taken within a round, not after a lease: {handoff:?}"
     );
+}
+
+/// A gauge of a node's `/metrics` (one without labels).
+async fn gauge(node: &Server, name: &str) -> u64 {
+    let metrics = metrics_text(node).await;
+    let value = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} on /metrics"));
+    value.parse().unwrap()
+}
+
+/// Wait until every one of `nodes` exports `alive` live nodes and no unowned shard, and
+/// the shards they export as owned add up to every shard.
+async fn gauges_settle(nodes: &[Server], alive: u64) {
+    within(LEASE, "the cluster gauges settle", async || {
+        let mut owned = 0;
+        for node in nodes {
+            if gauge(node, "orchard_cluster_nodes_alive").await != alive
+                || gauge(node, "orchard_cluster_shards_unowned").await != 0
+            {
+                return false;
+            }
+            owned += gauge(node, "orchard_cluster_shards_owned").await;
+        }
+        owned == 4096
+    })
+    .await;
 }
 
 /// The node `via` reports as serving `device`, once `via` can reach the device's actor

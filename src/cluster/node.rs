@@ -235,15 +235,7 @@ impl ClusterNode {
             .filter(|n| n.alive)
             .map(|n| n.node_id.as_str())
             .collect();
-        let unowned = view
-            .shards
-            .iter()
-            .filter(|row| {
-                !row.as_ref()
-                    .is_some_and(|r| live.contains(r.owner.as_str()))
-            })
-            .count();
-        (view.nodes.clone(), unowned)
+        (view.nodes.clone(), unowned(&view.shards, &live))
     }
 
     /// Heartbeat, look, and move shards until `stop` resolves; then hand every shard over
@@ -588,7 +580,47 @@ impl ClusterNode {
             };
         }
         let mine = counts.get(&self.settings.node_id).copied().unwrap_or(0);
+        let live: HashSet<&str> = live.iter().map(String::as_str).collect();
         gauge!("orchard_cluster_nodes_alive").set(live.len() as f64);
         gauge!("orchard_cluster_shards_owned").set(mine as f64);
+        gauge!("orchard_cluster_shards_unowned").set(unowned(&view.shards, &live) as f64);
+    }
+}
+
+/// Shards whose row is missing or names a node that is not alive: nobody serves their
+/// devices until a live node takes them.
+fn unowned(shards: &[Option<ShardRow>], live: &HashSet<&str>) -> usize {
+    shards
+        .iter()
+        .filter(|row| {
+            !row.as_ref()
+                .is_some_and(|r| live.contains(r.owner.as_str()))
+        })
+        .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(shard: u32, owner: &str) -> Option<ShardRow> {
+        Some(ShardRow {
+            shard: ShardId(shard),
+            owner: owner.to_string(),
+            epoch: 1,
+        })
+    }
+
+    #[test]
+    fn a_shard_is_unowned_without_a_row_or_with_an_owner_that_is_not_alive() {
+        let shards = vec![row(0, "a"), row(1, "b"), row(2, "dead"), None];
+        let live = HashSet::from(["a", "b"]);
+        assert_eq!(unowned(&shards, &live), 2);
+        assert_eq!(
+            unowned(&shards[..2], &live),
+            0,
+            "every shard held by a live node"
+        );
+        assert_eq!(unowned(&shards, &HashSet::new()), 4);
     }
 }

@@ -15,6 +15,11 @@ use super::{
 };
 use crate::store::EnrollmentRecord;
 
+/// Every rule the doctor applies (the `rule` label values of the findings metrics).
+pub const RULES: [&str; 9] = [
+    "SD-S05", "SD-S07", "SD-T01", "SD-T02", "SD-P08", "SD-E02", "SD-E01", "SD-A01", "SD-E03",
+];
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FindingSeverity {

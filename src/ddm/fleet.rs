@@ -24,7 +24,7 @@ use super::doctor::{
     EnrollmentFacts, ReportedTokens, SupportedTypes,
 };
 use super::sync::{DdmState, SyncEvent};
-use super::Validity;
+use super::{ManifestItem, Validity};
 
 /// Stall deadlines are kept to the minute: the fleet diagnosis is "as of the start of the
 /// current minute", so enrollments that stalled within one minute share their facts.
@@ -142,6 +142,15 @@ impl FleetFacts {
     pub fn with_enrollment(mut self, enrollment: EnrollmentFacts) -> FleetFacts {
         self.enrollment = enrollment;
         self
+    }
+
+    /// One of [`ASSIGNMENT_STATES`]: how the device reports `item` of its manifest.
+    fn assignment_state(&self, item: &ManifestItem) -> &'static str {
+        match self.reported.get(&item.identifier) {
+            None => "pending",
+            Some(r) if r.server_token != item.server_token => "old_server_token",
+            Some(r) => r.standing.label(),
+        }
     }
 
     /// The doctor rules these facts trigger at `as_of` (a minute boundary) against the
@@ -277,8 +286,7 @@ impl FleetCounts {
     }
 
     /// The fleet view: per declaration of each enrollment's manifest, `assigned` and one
-    /// of `pending` (not reported at all), `old_server_token`, `invalid`, `active`,
-    /// `inactive`.
+    /// of [`ASSIGNMENT_STATES`].
     pub fn declarations(&self, manifests: &mut ManifestLookup<'_>) -> DeclarationCounts {
         let mut fleet = DeclarationCounts::new();
         for (facts, &count) in &self.classes {
@@ -286,12 +294,7 @@ impl FleetCounts {
             for item in manifest.manifest.items() {
                 let counts = fleet.entry(item.identifier.clone()).or_default();
                 *counts.entry("assigned").or_default() += count;
-                let bucket = match facts.reported.get(&item.identifier) {
-                    None => "pending",
-                    Some(r) if r.server_token != item.server_token => "old_server_token",
-                    Some(r) => r.standing.label(),
-                };
-                *counts.entry(bucket).or_default() += count;
+                *counts.entry(facts.assignment_state(item)).or_default() += count;
             }
         }
         fleet
@@ -303,15 +306,61 @@ impl FleetCounts {
         manifests: &mut ManifestLookup<'_>,
         as_of: i64,
     ) -> BTreeMap<&'static str, u64> {
-        let mut per_rule = BTreeMap::new();
+        self.summary(manifests, as_of).findings
+    }
+
+    /// The fleet in a few numbers at `as_of` (a minute boundary): convergence, assignments
+    /// per state and the diagnosis.
+    pub fn summary(&self, manifests: &mut ManifestLookup<'_>, as_of: i64) -> FleetSummary {
+        let mut summary = FleetSummary {
+            enrollments: self.enrollments,
+            ..FleetSummary::default()
+        };
         for (facts, &count) in &self.classes {
             let (manifest, reference_problems) = manifests.get(&facts.sets);
+            let mut converged = true;
+            for item in manifest.manifest.items() {
+                let state = facts.assignment_state(item);
+                converged &= CONVERGED_STATES.contains(&state);
+                *summary.assignments.entry(state).or_default() += count;
+            }
+            if converged {
+                summary.converged += count;
+            }
             for rule in facts.rules(&manifest, reference_problems, as_of) {
-                *per_rule.entry(rule).or_default() += count;
+                *summary.findings.entry(rule).or_default() += count;
             }
         }
-        per_rule
+        summary
     }
+}
+
+/// How a declaration assigned to an enrollment stands in the fleet view: not reported at
+/// all, reported at an older ServerToken, or reported at the current one as invalid,
+/// active or inactive.
+pub const ASSIGNMENT_STATES: [&str; 5] = [
+    "pending",
+    "old_server_token",
+    "invalid",
+    "active",
+    "inactive",
+];
+
+/// The states in which the device holds the declaration the server serves now.
+const CONVERGED_STATES: [&str; 2] = ["active", "inactive"];
+
+/// What the DDM gauges export (see [`FleetCounts::summary`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct FleetSummary {
+    pub enrollments: u64,
+    /// Enrollments whose device reports every declaration of its manifest at its current
+    /// ServerToken, none of them invalid.
+    pub converged: u64,
+    /// Per [`ASSIGNMENT_STATES`] value: (enrollment, declaration) pairs, over all
+    /// declarations.
+    pub assignments: BTreeMap<&'static str, u64>,
+    /// Per doctor rule: enrollments it finds.
+    pub findings: BTreeMap<&'static str, u64>,
 }
 
 /// The manifest of each set combination (and its SD-P08 verdict), looked up once per view.
@@ -343,7 +392,7 @@ impl<'a> ManifestLookup<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ddm::doctor::diagnose;
+    use crate::ddm::doctor::{diagnose, RULES};
     use crate::ddm::sync::{ServedItem, SyncEventKind};
     use crate::ddm::{Declaration, StatusReport};
     use serde_json::json;
@@ -483,13 +532,9 @@ mod tests {
                 rules_seen.extend(expected.into_keys());
             }
         }
-        let every_rule = [
-            "SD-A01", "SD-E01", "SD-E02", "SD-E03", "SD-P08", "SD-S05", "SD-S07", "SD-T01",
-            "SD-T02",
-        ];
         assert_eq!(
             rules_seen,
-            BTreeSet::from(every_rule),
+            BTreeSet::from(RULES),
             "the states exercise every rule"
         );
     }
@@ -515,19 +560,25 @@ mod tests {
         assert_eq!(minute_floor(179), 120);
     }
 
-    #[test]
-    fn a_new_revision_makes_holders_of_the_old_one_count_on_an_old_token() {
-        let old = ManifestSnapshot::from_declarations(vec![declaration("cfg", "a")]);
-        let item = &old.manifest.items()[0];
+    /// A DDM state whose device reports `cfg` at `server_token` as `valid`.
+    fn reporting_cfg(server_token: &str, valid: &str) -> DdmState {
         let report = json!({"StatusItems": {"management": {"declarations": {
             "activations": [], "assets": [], "management": [],
-            "configurations": [{"identifier": "cfg", "server-token": item.server_token,
-                "active": true, "valid": "valid"}]}}}, "Errors": []});
+            "configurations": [{"identifier": "cfg", "server-token": server_token,
+                "active": true, "valid": valid}]}}}, "Errors": []});
         let mut state = DdmState::default();
         state.ingest(
             &StatusReport::parse(report.to_string().as_bytes()).unwrap(),
             1,
         );
+        state
+    }
+
+    #[test]
+    fn a_new_revision_makes_holders_of_the_old_one_count_on_an_old_token() {
+        let old = ManifestSnapshot::from_declarations(vec![declaration("cfg", "a")]);
+        let item = &old.manifest.items()[0];
+        let state = reporting_cfg(&item.server_token, "valid");
         let mut counts = FleetCounts::default();
         counts.add(&FleetFacts::of(&state, EnrollmentFacts::default(), 120));
         counts.add(&FleetFacts::of(
@@ -546,5 +597,45 @@ mod tests {
         let view = counts.declarations(&mut ManifestLookup::new(&|_| Arc::clone(&new)));
         assert_eq!(view["cfg"]["old_server_token"], 1);
         assert!(!view["cfg"].contains_key("active"));
+    }
+
+    #[test]
+    fn an_enrollment_converges_once_it_reports_every_declaration_at_its_current_token() {
+        let manifest = ManifestSnapshot::from_declarations(vec![declaration("cfg", "a")]);
+        let current = manifest.manifest.items()[0].server_token.clone();
+        let mut counts = FleetCounts::default();
+        for state in [
+            reporting_cfg(&current, "valid"),
+            reporting_cfg(&current, "valid"),
+            reporting_cfg(&current, "invalid"),
+            reporting_cfg("an older token", "valid"),
+            DdmState::default(),
+        ] {
+            counts.add(&FleetFacts::of(&state, EnrollmentFacts::default(), 120));
+        }
+        let manifest = Arc::new(manifest);
+        let summary = counts.summary(&mut ManifestLookup::new(&|_| Arc::clone(&manifest)), 0);
+        assert_eq!((summary.enrollments, summary.converged), (5, 2));
+        let assignments = BTreeMap::from([
+            ("active", 2),
+            ("invalid", 1),
+            ("old_server_token", 1),
+            ("pending", 1),
+        ]);
+        assert_eq!(summary.assignments, assignments);
+        assert!(summary
+            .assignments
+            .keys()
+            .all(|state| ASSIGNMENT_STATES.contains(state)));
+
+        let nothing_assigned = Arc::new(ManifestSnapshot::from_declarations(vec![]));
+        let summary = counts.summary(
+            &mut ManifestLookup::new(&|_| Arc::clone(&nothing_assigned)),
+            0,
+        );
+        assert_eq!(
+            summary.converged, 5,
+            "nothing to hold: every enrollment holds it"
+        );
     }
 }

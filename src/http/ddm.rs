@@ -762,10 +762,6 @@ async fn status_report(
 async fn fleet_diagnosis(state: web::Data<AppState>) -> Result<HttpResponse, Rejection> {
     let as_of = minute_floor(crate::device::now_secs());
     let fleet = counted_fleet(&state, FleetView::Diagnosis { as_of }).await?;
-    for (rule, count) in &fleet.rules {
-        metrics::gauge!("orchard_ddm_enrollments_with_finding", "rule" => rule.clone())
-            .set(*count as f64);
-    }
     Ok(HttpResponse::Ok().json(json!({
         "rules": fleet.rules,
         "enrollments": fleet.enrollments,

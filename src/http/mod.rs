@@ -130,9 +130,16 @@ async fn record_request(
     Ok(response)
 }
 
+/// `/metrics`; the gauges that summarise the fleet are computed for each scrape.
 async fn render_metrics(state: web::Data<AppState>) -> HttpResponse {
     metrics::gauge!("orchard_resident_actors_registered")
         .set(state.registry.resident_count() as f64);
+    let catalog = Arc::clone(state.registry.catalog());
+    let as_of = crate::ddm::fleet::minute_floor(crate::device::now_secs());
+    state
+        .registry
+        .tally()
+        .publish_fleet_gauges(&|sets| catalog.manifest(sets), as_of);
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(state.metrics.render())

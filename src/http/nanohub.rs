@@ -94,8 +94,7 @@ async fn upload_push_cert(
         .await
         .map_err(Rejection::store_failure)?;
     state.push.certificate_changed(&record.topic);
-    metrics::gauge!("orchard_push_cert_expiry_seconds", "topic" => record.topic.clone())
-        .set(record.not_after as f64);
+    crate::telemetry::series::push_topic(&record.topic, record.not_after);
     tracing::info!(topic = %record.topic, "push certificate stored");
     Ok(HttpResponse::Ok().json(push_cert_json(&record, &TopicStatus::Idle)))
 }

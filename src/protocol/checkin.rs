@@ -33,6 +33,18 @@ pub enum CheckinMessage {
 }
 
 impl CheckinMessage {
+    /// Every `MessageType` (the `message_type` label values of the check-in metrics).
+    pub const MESSAGE_TYPES: [&'static str; 8] = [
+        Authenticate::MESSAGE_TYPE,
+        TokenUpdate::MESSAGE_TYPE,
+        CheckOut::MESSAGE_TYPE,
+        UserAuthenticate::MESSAGE_TYPE,
+        SetBootstrapToken::MESSAGE_TYPE,
+        GetBootstrapToken::MESSAGE_TYPE,
+        GetToken::MESSAGE_TYPE,
+        DeclarativeManagement::MESSAGE_TYPE,
+    ];
+
     /// The `MessageType` this message arrived as; a bounded metrics label.
     pub fn message_type(&self) -> &'static str {
         match self {

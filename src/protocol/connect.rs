@@ -21,7 +21,8 @@ pub enum ReportStatus {
 }
 
 impl ReportStatus {
-    const ALL: [Self; 5] = [
+    /// Every status a device may report (the `status` label values of the connect metrics).
+    pub const ALL: [Self; 5] = [
         Self::Idle,
         Self::Acknowledged,
         Self::Error,

@@ -23,7 +23,7 @@ mod books;
 mod gather;
 mod share;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -31,8 +31,8 @@ use tokio::sync::Notify;
 
 use crate::cluster::{ShardId, VIRTUAL_SHARDS};
 use crate::ddm::catalog::ManifestSnapshot;
-use crate::ddm::doctor::EnrollmentFacts;
-use crate::ddm::fleet::{FleetFacts, ManifestLookup};
+use crate::ddm::doctor::{EnrollmentFacts, RULES};
+use crate::ddm::fleet::{FleetFacts, ManifestLookup, ASSIGNMENT_STATES};
 use crate::ddm::sync::DdmState;
 use crate::store::{FleetRows, Store};
 use books::Books;
@@ -218,6 +218,34 @@ impl FleetTally {
             }
         }
         share
+    }
+}
+
+impl FleetTally {
+    /// Set the DDM gauges to this node's part of the fleet at `as_of` (a minute
+    /// boundary): every rule and assignment state, so one that drops to 0 reads 0. Each
+    /// node exports the shards it counts; summed over the nodes they are the fleet.
+    pub fn publish_fleet_gauges(
+        &self,
+        manifest_of: &dyn Fn(&BTreeSet<String>) -> Arc<ManifestSnapshot>,
+        as_of: i64,
+    ) {
+        let summary = self
+            .lock()
+            .total()
+            .summary(&mut ManifestLookup::new(manifest_of), as_of);
+        let count =
+            |counts: &BTreeMap<&str, u64>, key: &str| counts.get(key).copied().unwrap_or(0) as f64;
+        for rule in RULES {
+            metrics::gauge!("orchard_ddm_enrollments_with_finding", "rule" => rule)
+                .set(count(&summary.findings, rule));
+        }
+        for state in ASSIGNMENT_STATES {
+            metrics::gauge!("orchard_ddm_declaration_assignments", "state" => state)
+                .set(count(&summary.assignments, state));
+        }
+        metrics::gauge!("orchard_ddm_enrollments_converged").set(summary.converged as f64);
+        metrics::gauge!("orchard_fleet_tally_enrollments").set(summary.enrollments as f64);
     }
 }
 

@@ -1,5 +1,7 @@
-//! Logs (`tracing`, filtered by `ORCHARD_LOG` or `RUST_LOG`) and the Prometheus recorder
-//! behind `/metrics`.
+//! Logs (`tracing`, filtered by `ORCHARD_LOG` or `RUST_LOG`), the Prometheus recorder
+//! behind `/metrics`, and the series it exports from start-up (`series.rs`).
+
+pub mod series;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
