@@ -220,8 +220,8 @@ async fn health_readiness_and_metrics_are_served() {
     for name in [
         "orchard_http_requests_total",
         "orchard_http_request_duration_seconds_bucket",
-        "orchard_checkin_messages_total{message_type=\"Authenticate\"}",
-        "orchard_connect_reports_total{status=\"Idle\"}",
+        "orchard_checkin_messages_total{message_type=\"Authenticate\"} 1\n",
+        "orchard_connect_reports_total{status=\"Idle\"} 1\n",
         "orchard_resident_actors",
         "orchard_queue_depth",
         "orchard_store_apply_seconds",

@@ -39,12 +39,17 @@ fn files_ending(dir: &Path, suffix: &str) -> Vec<PathBuf> {
     files
 }
 
+fn dashboards() -> Vec<serde_json::Value> {
+    files_ending(&deploy_dir("grafana"), ".json")
+        .iter()
+        .map(|path| serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap())
+        .collect()
+}
+
 /// The PromQL of every dashboard panel (Grafana's variables still in it).
 fn dashboard_queries() -> Vec<String> {
     let mut queries = Vec::new();
-    for path in files_ending(&deploy_dir("grafana"), ".json") {
-        let dashboard: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for dashboard in dashboards() {
         for panel in dashboard["panels"].as_array().unwrap() {
             for target in panel["targets"].as_array().into_iter().flatten() {
                 queries.push(target["expr"].as_str().unwrap().to_string());
@@ -56,17 +61,11 @@ fn dashboard_queries() -> Vec<String> {
 
 /// The queries of the dashboards' variables (`label_values(series, label)`).
 fn variable_queries() -> Vec<String> {
-    let mut queries = Vec::new();
-    for path in files_ending(&deploy_dir("grafana"), ".json") {
-        let dashboard: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        for variable in dashboard["templating"]["list"].as_array().unwrap() {
-            if let Some(definition) = variable["definition"].as_str() {
-                queries.push(definition.to_string());
-            }
-        }
-    }
-    queries
+    dashboards()
+        .iter()
+        .flat_map(|dashboard| dashboard["templating"]["list"].as_array().unwrap().clone())
+        .filter_map(|variable| Some(variable["definition"].as_str()?.to_string()))
+        .collect()
 }
 
 /// The expression of every alert rule.

@@ -348,9 +348,18 @@ async fn many_pushes_share_a_small_pool_of_connections() {
         "never one connection per push"
     );
     let metrics = metrics_text(&server).await;
-    assert!(metrics.contains("orchard_pushes_total{outcome=\"sent\""));
-    assert!(metrics.contains("orchard_push_duration_seconds_bucket"));
-    assert!(metrics.contains("orchard_apns_connections{topic="));
+    assert!(metrics.contains("orchard_pushes_total{outcome=\"sent\",reason=\"\"} 150\n"));
+    assert!(metrics.contains("orchard_push_duration_seconds_count 150\n"));
+    let connections = metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(&format!("orchard_apns_connections{{topic=\"{TOPIC}\"}} "))
+        })
+        .expect("the topic's connections on /metrics");
+    assert!(
+        (1.0..=2.0).contains(&connections.parse::<f64>().unwrap()),
+        "{connections} open connections"
+    );
 }
 
 #[actix_rt::test]
