@@ -1,4 +1,5 @@
-//! BER to DER normalisation for CMS messages.
+//! BER to DER normalisation for CMS messages, and the structural bounds every
+//! ASN.1 input from outside is held to before a decoder sees it.
 //!
 //! Apple devices build `Mdm-Signature` with a streaming CMS encoder that emits BER
 //! indefinite lengths (`0x80` … `00 00`). The `der` crate — rightly — refuses those, so
@@ -13,12 +14,26 @@ use super::IdentityError;
 /// Deeper nesting than any real SignedData; bounds recursion on hostile input.
 const MAX_DEPTH: usize = 64;
 
+/// Most elements one constructed element may hold. The `der` crate decodes a SET OF by
+/// insertion sort, quadratic in its length: 2,000 reverse-ordered AlgorithmIdentifiers
+/// (a 28 KB `Mdm-Signature`) took 13 s to decode. Real signatures, certificates and
+/// PKCS#12 files hold a few dozen elements at most in any one SET or SEQUENCE.
+pub(crate) const MAX_ELEMENTS: usize = 64;
+
 const INDEFINITE_LENGTH: u8 = 0x80;
 const CONSTRUCTED: u8 = 0x20;
 const HIGH_TAG_NUMBER: u8 = 0x1f;
 const OCTET_STRING: u8 = 0x04;
 
-/// Re-encodes one BER element (and everything inside it) as DER lengths.
+/// Checks that `input` is one BER (or DER) element within the bounds above, so that
+/// decoding it costs time linear in its size.
+pub(crate) fn ensure_bounded(input: &[u8]) -> Result<(), IdentityError> {
+    // The normalised copy is the walk's by-product; the inputs checked are a few KB.
+    normalize(input).map(drop)
+}
+
+/// Re-encodes one BER element (and everything inside it) as DER lengths, within the
+/// bounds above.
 pub(crate) fn normalize(input: &[u8]) -> Result<Vec<u8>, IdentityError> {
     let mut reader = Reader {
         data: input,
@@ -118,14 +133,18 @@ impl Reader<'_> {
                     pos: 0,
                 };
                 let mut contents = Vec::with_capacity(len);
+                let mut elements = Elements::default();
                 while inner.pos < inner.data.len() {
+                    elements.count()?;
                     inner.copy_element(&mut contents, depth + 1)?;
                 }
                 contents
             }
             (Length::Indefinite, true) => {
                 let mut contents = Vec::new();
+                let mut elements = Elements::default();
                 while !self.at_end_of_contents() {
+                    elements.count()?;
                     self.copy_element(&mut contents, depth + 1)?;
                 }
                 self.pos += 2;
@@ -136,6 +155,22 @@ impl Reader<'_> {
             write_element(out, &[OCTET_STRING], &join_segments(&contents)?);
         } else {
             write_element(out, &tag, &contents);
+        }
+        Ok(())
+    }
+}
+
+/// Counts the elements inside one constructed element against [`MAX_ELEMENTS`].
+#[derive(Default)]
+struct Elements(usize);
+
+impl Elements {
+    fn count(&mut self) -> Result<(), IdentityError> {
+        self.0 += 1;
+        if self.0 > MAX_ELEMENTS {
+            return Err(malformed(
+                "more than 64 elements in one constructed element",
+            ));
         }
         Ok(())
     }
@@ -163,7 +198,8 @@ fn join_segments(segments: &[u8]) -> Result<Vec<u8>, IdentityError> {
     Ok(joined)
 }
 
-fn write_element(out: &mut Vec<u8>, tag: &[u8], contents: &[u8]) {
+/// Writes one element with a minimal definite length.
+pub(crate) fn write_element(out: &mut Vec<u8>, tag: &[u8], contents: &[u8]) {
     out.extend_from_slice(tag);
     write_length(out, contents.len());
     out.extend_from_slice(contents);
@@ -251,6 +287,42 @@ mod tests {
             normalize(&ber).unwrap_err().to_string(),
             "invalid DER: BER: nesting too deep"
         );
+    }
+
+    /// A constructed element holding `count` copies of `element`, definite or indefinite.
+    fn constructed(tag: u8, element: &[u8], count: usize, indefinite: bool) -> Vec<u8> {
+        let contents = element.repeat(count);
+        let mut out = vec![tag];
+        if indefinite {
+            out.push(INDEFINITE_LENGTH);
+            out.extend(contents);
+            out.extend([0, 0]);
+        } else {
+            write_length(&mut out, contents.len());
+            out.extend(contents);
+        }
+        out
+    }
+
+    #[test]
+    fn sixty_four_elements_in_a_set_are_accepted() {
+        for indefinite in [false, true] {
+            let set = constructed(0x31, &[0x05, 0x00], MAX_ELEMENTS, indefinite);
+            let der = constructed(0x31, &[0x05, 0x00], MAX_ELEMENTS, false);
+            assert_eq!(normalize(&set).unwrap(), der);
+            ensure_bounded(&set).unwrap();
+        }
+    }
+
+    #[test]
+    fn larger_sets_are_refused_before_any_decoder_sorts_them() {
+        for indefinite in [false, true] {
+            let set = constructed(0x31, &[0x05, 0x00], MAX_ELEMENTS + 1, indefinite);
+            assert_eq!(
+                ensure_bounded(&set).unwrap_err().to_string(),
+                "invalid DER: BER: more than 64 elements in one constructed element"
+            );
+        }
     }
 
     #[test]

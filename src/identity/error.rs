@@ -14,6 +14,8 @@ pub enum IdentityError {
     BadPem(String),
     #[error("invalid DER: {0}")]
     BadDer(String),
+    #[error("{what} is larger than {limit} bytes")]
+    TooLarge { what: &'static str, limit: usize },
     #[error("certificate is not trusted: {0}")]
     Untrusted(String),
     #[error("certificate has expired")]
@@ -46,6 +48,7 @@ impl IdentityError {
             IdentityError::BadBase64(_) => "bad_base64",
             IdentityError::BadPem(_) => "bad_pem",
             IdentityError::BadDer(_) => "bad_der",
+            IdentityError::TooLarge { .. } => "too_large",
             IdentityError::Untrusted(_) => "untrusted",
             IdentityError::Expired => "expired",
             IdentityError::NotYetValid => "not_yet_valid",

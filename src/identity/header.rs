@@ -12,6 +12,11 @@ use super::IdentityError;
 /// RFC 9440 wraps the base64 DER in colons (a structured-field byte sequence).
 const RFC9440_DELIMITER: char = ':';
 
+/// The longest header accepted: a device certificate is a few KB, even URL-escaped.
+/// Decoding cost grows with the size, and the header arrives before the device is
+/// authenticated.
+const MAX_HEADER_BYTES: usize = 32 * 1024;
+
 /// Parses a client-certificate header in either form proxies use:
 ///
 /// * RFC 9440 `Client-Cert`: `:<base64 DER>:`
@@ -20,6 +25,12 @@ const RFC9440_DELIMITER: char = ':';
 /// The DER is checked to be a certificate so malformed headers fail here, with a precise
 /// reason, rather than later in chain verification.
 pub fn parse_client_cert_header(value: &str) -> Result<CertificateDer<'static>, IdentityError> {
+    if value.len() > MAX_HEADER_BYTES {
+        return Err(IdentityError::TooLarge {
+            what: "certificate header",
+            limit: MAX_HEADER_BYTES,
+        });
+    }
     let value = value.trim();
     if value.is_empty() {
         return Err(IdentityError::MissingCertificate(
@@ -62,7 +73,7 @@ fn decode_escaped_pem(value: &str) -> Result<Vec<u8>, IdentityError> {
 mod tests {
     use super::*;
     use crate::identity::fingerprint;
-    use crate::identity::test_support::recorded_client_cert_header;
+    use crate::identity::test_support::{descending_set, element, recorded_client_cert_header};
 
     fn subject(der: &[u8]) -> String {
         parse_certificate(der)
@@ -137,6 +148,42 @@ mod tests {
         let header = recorded_client_cert_header("02-authenticate.txt").replacen("MIID", "MII", 1);
         let err = parse_client_cert_header(&header).unwrap_err();
         assert_eq!(err.reason(), "bad_base64");
+    }
+
+    /// The start of a certificate whose issuer is one RDN of `count` attributes in
+    /// descending order. 2,000 of them made the Name decoder sort for seconds.
+    fn certificate_with_a_long_issuer_rdn(count: usize) -> String {
+        let sha256_with_rsa = [
+            0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b,
+        ];
+        let tbs = [
+            element(0xa0, &element(0x02, &[2])),
+            element(0x02, &[1]),
+            element(0x30, &sha256_with_rsa),
+            element(0x30, &descending_set(count)),
+        ]
+        .concat();
+        format!(":{}:", STANDARD.encode(element(0x30, &element(0x30, &tbs))))
+    }
+
+    #[test]
+    fn a_name_too_large_to_sort_is_refused_before_decoding() {
+        let header = certificate_with_a_long_issuer_rdn(2000);
+        assert!(header.len() < MAX_HEADER_BYTES);
+        let started = std::time::Instant::now();
+        let err = parse_client_cert_header(&header).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid DER: BER: more than 64 elements in one constructed element"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    }
+
+    #[test]
+    fn an_oversized_header_is_refused_unread() {
+        let header = format!(":{}:", "A".repeat(MAX_HEADER_BYTES));
+        let err = parse_client_cert_header(&header).unwrap_err();
+        assert_eq!(err.reason(), "too_large");
     }
 
     #[test]

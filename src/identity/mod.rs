@@ -11,6 +11,7 @@ mod cache;
 mod error;
 pub mod header;
 mod pem;
+mod pkcs12_limits;
 pub mod pushcert;
 pub mod signature;
 pub mod verify;

@@ -12,6 +12,7 @@ use x509_cert::Certificate;
 use super::pem::{self, PemBlock};
 use super::x509::{not_after_unix, parse_certificate, KeyType};
 use super::IdentityError;
+use super::{ber, pkcs12_limits};
 
 /// Every MDM push topic starts with this; anything else is a different kind of APNs
 /// certificate that devices would never accept pushes for.
@@ -21,6 +22,10 @@ const PKCS8_KEY: &str = "PRIVATE KEY";
 const PKCS1_RSA_KEY: &str = "RSA PRIVATE KEY";
 const SEC1_EC_KEY: &str = "EC PRIVATE KEY";
 const ENCRYPTED_PKCS8_KEY: &str = "ENCRYPTED PRIVATE KEY";
+
+/// The largest upload read. A push certificate with its key is a few KB in either form;
+/// decoding cost grows with the size.
+const MAX_UPLOAD_BYTES: usize = 64 * 1024;
 
 /// A validated push certificate: the certificate matches its key and names an MDM topic.
 #[derive(Clone, PartialEq, Eq)]
@@ -49,6 +54,9 @@ impl PushCertificate {
     /// Reads a PKCS#12 export (as Keychain Access or openssl writes it, legacy 3DES/RC2 or
     /// modern AES) holding the push certificate and its private key.
     pub fn from_pkcs12(der: &[u8], password: &str) -> Result<PushCertificate, IdentityError> {
+        ensure_upload_size(der)?;
+        ber::ensure_bounded(der)?;
+        pkcs12_limits::check_key_derivations(der)?;
         let keystore = p12_keystore::KeyStore::from_pkcs12(der, password).map_err(|e| {
             IdentityError::BadPushCert(format!("cannot open the PKCS#12 (wrong password?): {e}"))
         })?;
@@ -70,6 +78,7 @@ impl PushCertificate {
     /// Reads a PEM certificate and an unencrypted PEM private key (PKCS#8, PKCS#1 or SEC1),
     /// in any order, as NanoMDM's pushcert endpoint accepts them.
     pub fn from_pem(bundle: &[u8]) -> Result<PushCertificate, IdentityError> {
+        ensure_upload_size(bundle)?;
         let text = std::str::from_utf8(bundle)
             .map_err(|_| IdentityError::BadPushCert("body is not UTF-8 PEM text".into()))?;
         let blocks = pem::decode_blocks(text)?;
@@ -92,6 +101,16 @@ impl PushCertificate {
             key_pem: pem::encode(&key_block.label, &key_block.der),
         })
     }
+}
+
+fn ensure_upload_size(upload: &[u8]) -> Result<(), IdentityError> {
+    if upload.len() > MAX_UPLOAD_BYTES {
+        return Err(IdentityError::TooLarge {
+            what: "push certificate upload",
+            limit: MAX_UPLOAD_BYTES,
+        });
+    }
+    Ok(())
 }
 
 fn first_block(blocks: &[PemBlock], wanted: impl Fn(&str) -> bool) -> Option<&PemBlock> {

@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use super::ber::write_element;
+
 /// A scratch directory whose files are handed to `openssl` by path.
 pub(crate) struct Scratch(tempfile::TempDir);
 
@@ -97,4 +99,30 @@ pub(crate) fn recorded_client_cert_header(transcript: &str) -> String {
         .find_map(|line| line.strip_prefix("X-Ssl-Client-Cert: "))
         .unwrap()
         .to_owned()
+}
+
+/// A DER SET of `count` distinct `SEQUENCE { OID 2.5.4.<n>, NULL }` in descending order:
+/// it reads as AttributeTypeAndValues or AlgorithmIdentifiers, and is the worst case for a
+/// decoder that sorts a SET OF by insertion.
+pub(crate) fn descending_set(count: usize) -> Vec<u8> {
+    let mut elements = Vec::new();
+    for n in (128..128 + count).rev() {
+        let mut oid = Vec::new();
+        // 2.5.4.<n>, n in 128..16384: two base-128 digits.
+        write_element(
+            &mut oid,
+            &[0x06],
+            &[0x55, 0x04, 0x80 | (n >> 7) as u8, (n & 0x7f) as u8],
+        );
+        oid.extend([0x05, 0x00]);
+        write_element(&mut elements, &[0x30], &oid);
+    }
+    element(0x31, &elements)
+}
+
+/// One DER element.
+pub(crate) fn element(tag: u8, contents: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_element(&mut out, &[tag], contents);
+    out
 }

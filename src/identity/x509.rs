@@ -6,10 +6,12 @@ use der::Decode;
 use x509_cert::spki::SubjectPublicKeyInfoOwned;
 use x509_cert::Certificate;
 
-use super::IdentityError;
+use super::{ber, IdentityError};
 
-/// Parses a DER certificate, naming the failure precisely for logs.
+/// Parses a DER certificate, naming the failure precisely for logs. The structure is
+/// bounded first ([`ber::ensure_bounded`]): decoding a Name sorts its SETs.
 pub(crate) fn parse_certificate(der: &[u8]) -> Result<Certificate, IdentityError> {
+    ber::ensure_bounded(der)?;
     Certificate::from_der(der).map_err(|err| IdentityError::bad_der("certificate", err))
 }
 

@@ -16,7 +16,14 @@ pub use command::{build_command, inspect_command, CommandInfo};
 pub use connect::{decode_connect, ConnectReport, ReportStatus};
 pub use ids::{resolve_channel, Channel, EnrollmentKind};
 
+use plist::stream::{Event, XmlReader};
 use plist::{Dictionary, Value};
+
+/// The deepest nesting of arrays and dictionaries a message may have. Real messages and
+/// commands nest a handful of levels; a parsed value is dropped (and walked) recursively,
+/// so without a bound a body of nested `<array>`s overflows the stack and aborts the
+/// server.
+pub const MAX_PLIST_DEPTH: usize = 64;
 
 /// Why a device message or an API-supplied command was rejected.
 ///
@@ -106,9 +113,29 @@ fn single_entry_plist(key: &str, value: Value) -> Vec<u8> {
     )])))
 }
 
-/// Parses a message body, which must be an XML plist whose root is a dictionary.
+/// Parses a message body, which must be an XML plist whose root is a dictionary nested
+/// at most [`MAX_PLIST_DEPTH`] levels deep.
 fn parse_dictionary(body: &[u8]) -> Result<Dictionary, ProtocolError> {
-    Value::from_reader_xml(body)
+    let mut depth = 0usize;
+    let mut too_deep = false;
+    // The stream ends at the first collection that opens too deep: the value is never
+    // built, and the parser's own error (a premature end) is replaced by the real reason.
+    let events = XmlReader::new(body).take_while(|event| {
+        match event {
+            Ok(Event::StartArray(_) | Event::StartDictionary(_)) => depth += 1,
+            Ok(Event::EndCollection) => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        too_deep = depth > MAX_PLIST_DEPTH;
+        !too_deep
+    });
+    let parsed = Value::from_events(events);
+    if too_deep {
+        return Err(ProtocolError::MalformedPlist(format!(
+            "nested deeper than {MAX_PLIST_DEPTH} levels"
+        )));
+    }
+    parsed
         .map_err(|error| ProtocolError::MalformedPlist(error.to_string()))?
         .into_dictionary()
         .ok_or(ProtocolError::NotADictionary)
@@ -275,6 +302,46 @@ mod tests {
             parse_dictionary(b""),
             Err(ProtocolError::MalformedPlist(_))
         ));
+    }
+
+    /// `<dict><key>k</key><array>…<array/>…</array></dict>` with `levels` levels in all.
+    fn nested_plist(levels: usize) -> Vec<u8> {
+        let arrays = levels - 1;
+        let mut body = b"<?xml version=\"1.0\"?><plist><dict><key>k</key>".to_vec();
+        body.extend(b"<array>".repeat(arrays));
+        body.extend(b"</array>".repeat(arrays));
+        body.extend(b"</dict></plist>");
+        body
+    }
+
+    #[test]
+    fn nesting_up_to_the_bound_is_accepted() {
+        let dict = parse_dictionary(&nested_plist(MAX_PLIST_DEPTH)).unwrap();
+        assert!(dict.get("k").and_then(Value::as_array).is_some());
+    }
+
+    #[test]
+    fn nesting_beyond_the_bound_is_a_malformed_plist() {
+        let error = parse_dictionary(&nested_plist(MAX_PLIST_DEPTH + 1)).unwrap_err();
+        assert_eq!(
+            error,
+            ProtocolError::MalformedPlist("nested deeper than 64 levels".into())
+        );
+    }
+
+    /// A 900 KB body (under the 1 MiB body limit) of 60,000 nested arrays overflowed the
+    /// stack when the parsed value was dropped (found by fuzzing, `fuzz/`). It is refused
+    /// after reading the first levels, on a thread with a small stack.
+    #[test]
+    fn a_body_of_deeply_nested_arrays_is_refused_without_overflowing_the_stack() {
+        let body = nested_plist(60_000);
+        let error = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || parse_dictionary(&body).unwrap_err())
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(error.reason(), "malformed_plist");
     }
 
     #[test]
