@@ -7,6 +7,7 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 
+use super::endpoint::Endpoint;
 use super::nanohub::rfc3339;
 use super::rejection::Rejection;
 use super::AppState;
@@ -19,25 +20,19 @@ use crate::store::{QueueEntry, StoredCommand};
 
 const OPENAPI: &str = include_str!("openapi.json");
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.app_data(
-        web::JsonConfig::default()
-            .limit(1024 * 1024)
-            .error_handler(|err, _| {
-                Rejection::api(StatusCode::BAD_REQUEST, "bad_json", err.to_string()).into()
-            }),
-    )
-    .route("/devices", web::get().to(list_devices))
-    .route("/devices/{id}", web::get().to(get_device))
-    .route("/cluster", web::get().to(cluster_status))
-    .route("/devices/{id}/commands", web::get().to(device_commands))
-    .route("/devices/{id}/commands", web::post().to(enqueue_for_device))
-    .route(
-        "/devices/{id}/commands/{uuid}",
-        web::delete().to(cancel_command),
-    )
-    .route("/commands", web::post().to(enqueue_bulk))
-    .route("/command-templates", web::get().to(templates));
+/// Orchard's own admin routes, relative to `/api/v1`.
+pub(super) fn endpoints() -> Vec<Endpoint> {
+    vec![
+        Endpoint::new("/devices").get(list_devices),
+        Endpoint::new("/devices/{id}").get(get_device),
+        Endpoint::new("/cluster").get(cluster_status),
+        Endpoint::new("/devices/{id}/commands")
+            .get(device_commands)
+            .post(enqueue_for_device),
+        Endpoint::new("/devices/{id}/commands/{uuid}").delete(cancel_command),
+        Endpoint::new("/commands").post(enqueue_bulk),
+        Endpoint::new("/command-templates").get(templates),
+    ]
 }
 
 pub async fn openapi() -> HttpResponse {
@@ -60,12 +55,31 @@ struct ListQuery {
     limit: Option<usize>,
 }
 
+/// Enrollment ids per page unless `limit` says otherwise.
+const DEFAULT_PAGE: usize = 1000;
+/// The most a page may hold (the document's `limit` maximum).
+const MAX_PAGE: usize = 10_000;
+
+/// `limit` as the document states it: 1 to [`MAX_PAGE`]; anything else is refused rather
+/// than silently clamped, so a client learns its page is not the size it asked for.
+fn page_size(limit: Option<usize>) -> Result<usize, Rejection> {
+    match limit {
+        None => Ok(DEFAULT_PAGE),
+        Some(limit @ 1..=MAX_PAGE) => Ok(limit),
+        Some(limit) => Err(Rejection::api(
+            StatusCode::BAD_REQUEST,
+            "bad_limit",
+            format!("limit must be 1 to {MAX_PAGE}, not {limit}"),
+        )),
+    }
+}
+
 /// `GET /api/v1/devices?after=&limit=`: enrollment ids in order, paginated.
 async fn list_devices(
     query: web::Query<ListQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, Rejection> {
-    let limit = query.limit.unwrap_or(1000).clamp(1, 10_000);
+    let limit = page_size(query.limit)?;
     let ids = state
         .store
         .enrollment_ids(query.after.as_deref(), limit)

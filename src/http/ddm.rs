@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::body::read_body;
+use super::endpoint::Endpoint;
 use super::nanohub::{rfc3339, route_ids};
 use super::rejection::Rejection;
 use super::AppState;
@@ -27,51 +28,43 @@ use crate::device::tally::{fleet_view, FleetShare, FleetView};
 use crate::device::DeviceError;
 use crate::store::StoredReport;
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    let resource = |path: &str| web::resource(format!("/ddm{path}"));
-    cfg.app_data(web::QueryConfig::default().error_handler(|err, _| {
-        Rejection::api(StatusCode::BAD_REQUEST, "bad_query", err.to_string()).into()
-    }))
-    .service(
-        resource("/declarations")
+/// The DDM routes, relative to `/api/v1`.
+pub(super) fn endpoints() -> Vec<Endpoint> {
+    let ddm = |path: &str| Endpoint::new(format!("/ddm{path}"));
+    vec![
+        ddm("/declarations")
             .get(list_declarations)
             .put(put_declaration),
-    )
-    .service(
-        resource("/declarations/{id}")
+        ddm("/declarations/{id}")
             .get(get_declaration)
             .delete(delete_declaration),
-    )
-    .service(resource("/declarations/{id}/touch").post(touch_declaration))
-    .service(resource("/sets").get(list_sets))
-    .service(
-        resource("/set-declarations/{set}")
+        ddm("/declarations/{id}/touch").post(touch_declaration),
+        ddm("/sets").get(list_sets),
+        ddm("/set-declarations/{set}")
             .get(set_declarations)
             .put(add_to_set)
             .delete(remove_from_set),
-    )
-    .service(resource("/enrollment-sets-all/{enrollment}").delete(unassign_all_sets))
-    .service(resource("/enrollment-sets-all/sets/{enrollment}").delete(unassign_all_sets))
-    .service(resource("/declaration-sets/{id}").get(declaration_sets))
-    .service(
-        resource("/enrollment-sets/{enrollment}")
+        ddm("/enrollment-sets-all/{enrollment}").delete(unassign_all_sets),
+        ddm("/enrollment-sets-all/sets/{enrollment}").delete(unassign_all_sets),
+        ddm("/declaration-sets/{id}").get(declaration_sets),
+        ddm("/enrollment-sets/{enrollment}")
             .get(enrollment_sets)
             .put(assign_set)
             .delete(unassign_set),
-    )
-    .service(resource("/declaration-status/{enrollment}").get(declaration_status))
-    .service(resource("/status-errors/{enrollment}").get(status_errors))
-    .service(resource("/status-values/{enrollment}").get(status_values))
-    .service(resource("/status-report/{enrollment}").get(status_report))
-    .service(resource("/notify").post(notify))
-    .service(resource("/tokens").get(mounted_tokens))
-    .service(resource("/declaration-items").get(mounted_items))
-    .service(resource("/declaration/{category}/{id}").get(mounted_declaration))
-    .service(resource("/assignments").post(bulk_assign))
-    .service(resource("/fleet/declarations").get(fleet_declarations))
-    .service(resource("/diagnosis").get(fleet_diagnosis))
-    .service(web::resource("/devices/{id}/ddm/diagnosis").get(device_diagnosis))
-    .service(web::resource("/devices/{id}/ddm/reports").get(device_reports));
+        ddm("/declaration-status/{enrollment}").get(declaration_status),
+        ddm("/status-errors/{enrollment}").get(status_errors),
+        ddm("/status-values/{enrollment}").get(status_values),
+        ddm("/status-report/{enrollment}").get(status_report),
+        ddm("/notify").post(notify),
+        ddm("/tokens").get(mounted_tokens),
+        ddm("/declaration-items").get(mounted_items),
+        ddm("/declaration/{category}/{id}").get(mounted_declaration),
+        ddm("/assignments").post(bulk_assign),
+        ddm("/fleet/declarations").get(fleet_declarations),
+        ddm("/diagnosis").get(fleet_diagnosis),
+        Endpoint::new("/devices/{id}/ddm/diagnosis").get(device_diagnosis),
+        Endpoint::new("/devices/{id}/ddm/reports").get(device_reports),
+    ]
 }
 
 #[derive(Deserialize)]
@@ -238,6 +231,19 @@ async fn set_declarations(set: web::Path<String>, state: web::Data<AppState>) ->
     )
 }
 
+/// A required query parameter given empty (`?set=`) names nothing: refused like a missing
+/// one rather than looked up (and answered 304) as the name "".
+fn non_empty<'a>(name: &str, value: &'a str) -> Result<&'a str, Rejection> {
+    if value.is_empty() {
+        return Err(Rejection::api(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            format!("{name} is empty"),
+        ));
+    }
+    Ok(value)
+}
+
 #[derive(Deserialize)]
 struct DeclarationQuery {
     declaration: String,
@@ -253,7 +259,7 @@ async fn change_set_membership(
     let change = state
         .registry
         .catalog()
-        .change_set(set, &query.declaration, add)
+        .change_set(set, non_empty("declaration", &query.declaration)?, add)
         .await
         .map_err(catalog_error)?;
     Ok(changed_response(state, change, notify_wanted(query.nonotify.as_deref())).await)
@@ -335,7 +341,8 @@ async fn change_assignment(
     assign: bool,
 ) -> Result<HttpResponse, Rejection> {
     let sync = notify_wanted(query.nonotify.as_deref());
-    let changed = assignment_changed(state, enrollment, &query.set, assign, sync).await?;
+    let set = non_empty("set", &query.set)?;
+    let changed = assignment_changed(state, enrollment, set, assign, sync).await?;
     Ok(change_status(changed))
 }
 
@@ -506,7 +513,8 @@ async fn mounted_view(req: &HttpRequest, state: &AppState) -> Result<(String, Dd
     let id = req
         .headers()
         .get("X-Enrollment-ID")
-        .and_then(|v| v.to_str().ok())
+        // Lossy: an id with bytes outside ASCII is no enrollment (404), not a missing header.
+        .map(|v| String::from_utf8_lossy(v.as_bytes()))
         .ok_or_else(|| {
             Rejection::api(
                 StatusCode::BAD_REQUEST,
@@ -729,13 +737,16 @@ async fn status_report(
 ) -> Result<HttpResponse, Rejection> {
     let index = match query.index.as_deref() {
         None => 0,
-        Some(text) => text.parse::<usize>().map_err(|_| {
+        Some(text) => text.parse::<u32>().map_err(|_| {
             Rejection::api(
                 StatusCode::BAD_REQUEST,
                 "bad_index",
-                format!("index must be 0 (the newest report) or more, not {text:?}"),
+                format!(
+                    "index must be 0 (the newest report) to {}, not {text:?}",
+                    u32::MAX
+                ),
             )
-        })?,
+        })? as usize,
     };
     if let Some(status_id) = &query.status_id {
         return Err(no_such_report(format!(

@@ -9,6 +9,8 @@ mod auth;
 pub mod body;
 mod ddm;
 mod device;
+pub mod endpoint;
+mod extractors;
 pub mod identity;
 mod internal;
 mod migration;
@@ -82,8 +84,51 @@ impl AppState {
     }
 }
 
+/// Where the admin API is mounted.
+pub const API_SCOPE: &str = "/api/v1";
+
+/// The admin API's routes under [`API_SCOPE`] (all behind the API key).
+fn api_endpoints() -> Vec<endpoint::Endpoint> {
+    [nanohub::endpoints(), ddm::endpoints(), admin::endpoints()]
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// NanoMDM's migration route (behind the API key, outside [`API_SCOPE`]).
+fn migration_endpoint() -> endpoint::Endpoint {
+    endpoint::Endpoint::new("/migration").put(migration::import)
+}
+
+/// The OpenAPI document (no API key: it describes, it discloses nothing).
+fn openapi_endpoint() -> endpoint::Endpoint {
+    endpoint::Endpoint::new(format!("{API_SCOPE}/openapi.json")).get(admin::openapi)
+}
+
+/// Every path the OpenAPI document describes, with the methods the server serves there:
+/// the same values the router is built from, so a test can hold the document to them.
+pub fn admin_routes() -> Vec<(String, Vec<actix_web::http::Method>)> {
+    let scoped = api_endpoints()
+        .into_iter()
+        .map(|e| (format!("{API_SCOPE}{}", e.path()), e.methods()));
+    [openapi_endpoint(), migration_endpoint()]
+        .into_iter()
+        .map(|e| (e.path().to_string(), e.methods()))
+        .chain(scoped)
+        .collect()
+}
+
 /// All routes, for `App::configure`.
 pub fn routes(cfg: &mut web::ServiceConfig) {
+    use rejection::Audience::Api;
+    extractors::configure(cfg);
+    let api = api_endpoints()
+        .into_iter()
+        .fold(web::scope(API_SCOPE), |scope, e| {
+            scope.service(e.into_resource(Api))
+        })
+        .wrap(from_fn(auth::require_api_key))
+        .default_service(web::to(unknown_api_path));
     cfg.service(
         web::scope("")
             .wrap(from_fn(record_request))
@@ -94,21 +139,27 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
             .route("/version", web::get().to(version))
-            .route("/api/v1/openapi.json", web::get().to(admin::openapi))
+            .service(openapi_endpoint().into_resource(Api))
             .configure(internal::routes)
             .service(
-                web::resource("/migration")
-                    .wrap(from_fn(auth::require_api_key))
-                    .route(web::put().to(migration::import)),
+                migration_endpoint()
+                    .into_resource(Api)
+                    .wrap(from_fn(auth::require_api_key)),
             )
-            .service(
-                web::scope("/api/v1")
-                    .wrap(from_fn(auth::require_api_key))
-                    .configure(nanohub::routes)
-                    .configure(ddm::routes)
-                    .configure(admin::routes),
-            ),
+            .service(api),
     );
+}
+
+/// A path under [`API_SCOPE`] that no route serves: the JSON error, like every other
+/// refusal of the admin API (actix's own 404 is an empty body).
+async fn unknown_api_path(
+    req: actix_web::HttpRequest,
+) -> Result<HttpResponse, rejection::Rejection> {
+    Err(rejection::Rejection::api(
+        actix_web::http::StatusCode::NOT_FOUND,
+        "unknown_path",
+        format!("no admin route at {}", req.path()),
+    ))
 }
 
 /// Count and time every request by route pattern (not raw path: ids would explode

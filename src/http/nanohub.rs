@@ -8,6 +8,7 @@ use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
 use super::body::read_body;
+use super::endpoint::Endpoint;
 use super::rejection::Rejection;
 use super::AppState;
 use crate::commands::{self, Delivery};
@@ -16,12 +17,15 @@ use crate::protocol::command::inspect_command;
 use crate::push::{PushOutcome, TopicStatus};
 use crate::store::{Mutation, PushCertRecord, StoredCommand};
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/nanomdm/pushcert", web::put().to(upload_push_cert))
-        .route("/nanomdm/pushcert", web::get().to(get_push_cert))
-        .route("/nanomdm/enqueue/{ids}", web::put().to(enqueue))
-        .route("/nanomdm/push/{ids}", web::get().to(push))
-        .route("/nanomdm/push/{ids}", web::post().to(push));
+/// The NanoHUB routes, relative to `/api/v1`.
+pub(super) fn endpoints() -> Vec<Endpoint> {
+    vec![
+        Endpoint::new("/nanomdm/pushcert")
+            .put(upload_push_cert)
+            .get(get_push_cert),
+        Endpoint::new("/nanomdm/enqueue/{ids}").put(enqueue),
+        Endpoint::new("/nanomdm/push/{ids}").get(push).post(push),
+    ]
 }
 
 /// Comma-separated enrollment ids from the last path segment; empty entries are ignored.
