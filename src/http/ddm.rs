@@ -127,21 +127,30 @@ async fn changed_response(state: &AppState, change: Change, notify: bool) -> Htt
         ));
     }
     if change.changed && notify && !change.affected_sets.is_empty() {
-        let registry = Arc::clone(&state.registry);
-        let store = Arc::clone(&state.store);
-        let push = Arc::clone(&state.push);
-        actix_web::rt::spawn(async move {
-            match commands::set_members(&*store, &change.affected_sets).await {
-                Ok(members) => {
-                    if let Err(e) = commands::sync_declarations(&registry, &*push, &members).await {
-                        tracing::error!(error = %e, "could not queue the DDM sync");
-                    }
-                }
-                Err(e) => tracing::error!(error = %e, "could not list the enrollments to sync"),
-            }
-        });
+        sync_members_of(state, &change.affected_sets).await;
     }
     response.finish()
+}
+
+/// Sync the enrollments that are members of `sets` when the change is answered. The
+/// members are read before the answer, so an enrollment assigned by a later request
+/// (say with `nonotify`) is not synced for this change; the syncs themselves are queued
+/// in the background, as a large set takes a while to wake.
+async fn sync_members_of(state: &AppState, sets: &[String]) {
+    let members = match commands::set_members(&*state.store, sets).await {
+        Ok(members) => members,
+        Err(e) => {
+            tracing::error!(error = %e, "could not list the enrollments to sync");
+            return;
+        }
+    };
+    let registry = Arc::clone(&state.registry);
+    let push = Arc::clone(&state.push);
+    actix_web::rt::spawn(async move {
+        if let Err(e) = commands::sync_declarations(&registry, &*push, &members).await {
+            tracing::error!(error = %e, "could not queue the DDM sync");
+        }
+    });
 }
 
 async fn list_declarations(state: web::Data<AppState>) -> HttpResponse {
