@@ -228,3 +228,34 @@ fn a_client_that_stalls_in_its_body_gets_408() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(waited < std::time::Duration::from_secs(5));
 }
+
+/// A device or a probe that uses the wrong method is told which one the path serves:
+/// 405 with `Allow`, in plain text like every other device-facing refusal.
+#[actix_rt::test]
+async fn a_method_a_device_or_operations_path_does_not_serve_answers_405_with_allow() {
+    let server = Server::start();
+    for (path, methods) in orchard::http::device_and_operations_routes() {
+        let served: Vec<String> = methods.iter().map(ToString::to_string).collect();
+        for method in ["GET", "PUT", "POST", "DELETE"] {
+            if served.iter().any(|m| m == method) {
+                continue;
+            }
+            let method = actix_web::http::Method::from_bytes(method.as_bytes()).unwrap();
+            let response = client()
+                .request(method.clone(), server.url(&path))
+                .send()
+                .await
+                .unwrap();
+            let context = format!("{method} {path}");
+            assert_eq!(response.status().as_u16(), 405, "{context}");
+            let allow = response.headers().get("allow").map(|v| v.to_str().unwrap());
+            assert_eq!(allow, Some(served.join(", ").as_str()), "{context}");
+            assert!(
+                content_type_of(&response).starts_with("text/plain"),
+                "{context}"
+            );
+            let text = String::from_utf8_lossy(&body_of(response).await).into_owned();
+            assert!(text.starts_with("method_not_allowed"), "{context}: {text}");
+        }
+    }
+}

@@ -82,6 +82,11 @@ impl Endpoint {
             .collect()
     }
 
+    /// The path and its methods, as the route listings give them.
+    pub fn listed(&self) -> (String, Vec<Method>) {
+        (self.path.clone(), self.methods())
+    }
+
     /// One actix resource for the path: a method it does not serve answers 405 with an
     /// `Allow` header naming the ones it does (actix's own 405 names none), worded for
     /// `audience`.

@@ -100,6 +100,20 @@ fn migration_endpoint() -> endpoint::Endpoint {
     endpoint::Endpoint::new("/migration").put(migration::import)
 }
 
+/// The device endpoints and the operations endpoints: plain-text answers, 405 included.
+fn device_and_operations_endpoints() -> Vec<endpoint::Endpoint> {
+    use endpoint::Endpoint;
+    vec![
+        Endpoint::new("/mdm").put(device::mdm),
+        Endpoint::new("/checkin").put(device::checkin_only),
+        Endpoint::new("/mdm/enroll").get(device::enroll),
+        Endpoint::new("/metrics").get(render_metrics),
+        Endpoint::new("/healthz").get(healthz),
+        Endpoint::new("/readyz").get(readyz),
+        Endpoint::new("/version").get(version),
+    ]
+}
+
 /// The OpenAPI document (no API key: it describes, it discloses nothing).
 fn openapi_endpoint() -> endpoint::Endpoint {
     endpoint::Endpoint::new(format!("{API_SCOPE}/openapi.json")).get(admin::openapi)
@@ -112,15 +126,23 @@ pub fn admin_routes() -> Vec<(String, Vec<actix_web::http::Method>)> {
         .into_iter()
         .map(|e| (format!("{API_SCOPE}{}", e.path()), e.methods()));
     [openapi_endpoint(), migration_endpoint()]
-        .into_iter()
-        .map(|e| (e.path().to_string(), e.methods()))
+        .iter()
+        .map(endpoint::Endpoint::listed)
         .chain(scoped)
+        .collect()
+}
+
+/// The device and operations paths with the methods served there (tests check their 405s).
+pub fn device_and_operations_routes() -> Vec<(String, Vec<actix_web::http::Method>)> {
+    device_and_operations_endpoints()
+        .iter()
+        .map(endpoint::Endpoint::listed)
         .collect()
 }
 
 /// All routes, for `App::configure`.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    use rejection::Audience::Api;
+    use rejection::Audience::{Api, Device};
     extractors::configure(cfg);
     let api = api_endpoints()
         .into_iter()
@@ -132,13 +154,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("")
             .wrap(from_fn(record_request))
-            .route("/mdm", web::put().to(device::mdm))
-            .route("/checkin", web::put().to(device::checkin_only))
-            .route("/mdm/enroll", web::get().to(device::enroll))
-            .route("/metrics", web::get().to(render_metrics))
-            .route("/healthz", web::get().to(healthz))
-            .route("/readyz", web::get().to(readyz))
-            .route("/version", web::get().to(version))
+            .configure(|cfg| {
+                for endpoint in device_and_operations_endpoints() {
+                    cfg.service(endpoint.into_resource(Device));
+                }
+            })
             .service(openapi_endpoint().into_resource(Api))
             .configure(internal::routes)
             .service(
