@@ -203,12 +203,11 @@ async fn traced_tombstones(session: &Session, cql: &str) -> u64 {
     let mut statement = scylla::statement::unprepared::Statement::new(cql.to_string());
     statement.set_tracing(true);
     let result = session.query_unpaged(statement, ()).await.unwrap();
-    let info = session
-        .get_tracing_info(&result.tracing_id().expect("traced"))
+    let tracing_id = result.tracing_id().expect("traced");
+    orchard::store::scylla::ReadTrace::fetch(session, tracing_id)
         .await
-        .unwrap();
-    let events = info.events.into_iter().filter_map(|e| e.activity).collect();
-    orchard::store::scylla::ReadTrace::from_events(events).tombstones
+        .unwrap()
+        .tombstones
 }
 
 async fn recorded_version(session: &Session, keyspace: &str) -> i32 {

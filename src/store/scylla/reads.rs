@@ -28,6 +28,14 @@ pub(super) const CLAIM: &str = "claim";
 /// leftover at least this old (its event's write would have landed long before).
 const UNWRITTEN_HINT_AGE_MICROS: i64 = 60_000_000;
 
+/// How often a traced read looks for its read statistics (100 ms apart) before it gives
+/// what it has.
+const TRACE_POLLS: u32 = 50;
+
+/// The trace events that carry read statistics: Cassandra's and ScyllaDB's.
+const CASSANDRA_READ_STATISTICS: &str = "Read ";
+const SCYLLA_READ_STATISTICS: &str = "Page stats";
+
 /// Buckets read ahead while filling a page.
 const BUCKETS_AHEAD: usize = 4;
 /// Command bodies fetched at once for one activation.
@@ -51,16 +59,43 @@ impl ReadTrace {
     /// Sum the read statistics of trace events: Cassandra's "Read N live rows and M
     /// tombstone cells", and ScyllaDB's page statistics "(N live, M dead)" per row kind
     /// and "K range tombstone(s)".
+    /// The read statistics of the traced request `tracing_id`. The database writes a
+    /// trace's events after it answers (Cassandra from its tracing stage), so the
+    /// statistics can land a moment after the rest: this waits for them.
+    pub async fn fetch(
+        session: &scylla::client::session::Session,
+        tracing_id: uuid::Uuid,
+    ) -> StoreResult<ReadTrace> {
+        let mut polls = 0;
+        loop {
+            let info = session
+                .get_tracing_info(&tracing_id)
+                .await
+                .map_err(backend)?;
+            let events: Vec<String> = info.events.into_iter().filter_map(|e| e.activity).collect();
+            polls += 1;
+            if events.iter().any(|e| ReadTrace::is_read_statistics(e)) || polls == TRACE_POLLS {
+                return Ok(ReadTrace::from_events(events));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Whether a trace event carries read statistics that [`ReadTrace::from_events`] sums.
+    fn is_read_statistics(event: &str) -> bool {
+        event.starts_with(CASSANDRA_READ_STATISTICS) || event.starts_with(SCYLLA_READ_STATISTICS)
+    }
+
     pub fn from_events(events: Vec<String>) -> ReadTrace {
         let mut trace = ReadTrace::default();
         for event in &events {
-            if let Some(rest) = event.strip_prefix("Read ") {
+            if let Some(rest) = event.strip_prefix(CASSANDRA_READ_STATISTICS) {
                 let numbers = leading_numbers(rest);
                 if let [live, tombstones, ..] = numbers[..] {
                     trace.live_rows += live;
                     trace.tombstones += tombstones;
                 }
-            } else if event.starts_with("Page stats") {
+            } else if event.starts_with(SCYLLA_READ_STATISTICS) {
                 for part in event.split('(').skip(1) {
                     if let [live, dead, ..] = leading_numbers(part)[..] {
                         if part.contains("live") && part.contains("dead") {
@@ -160,14 +195,7 @@ impl ScyllaStore {
         let tracing_id = result
             .tracing_id()
             .ok_or_else(|| StoreError::Backend("the database returned no trace".into()))?;
-        let info = self
-            .session
-            .get_tracing_info(&tracing_id)
-            .await
-            .map_err(backend)?;
-        Ok(ReadTrace::from_events(
-            info.events.into_iter().filter_map(|e| e.activity).collect(),
-        ))
+        ReadTrace::fetch(&self.session, tracing_id).await
     }
 
     pub(super) async fn read_results(
