@@ -794,6 +794,19 @@ pub(crate) mod tests {
         assert_eq!(parsed["Payload"]["Echo"], "hi \"there\"\n");
     }
 
+    /// The catalog reloads a declaration from the body it serves: a long integer in the
+    /// payload (read as a float) must read back as the same number, or the reloaded
+    /// declaration gets another ServerToken and every device assigned it syncs again.
+    #[test]
+    fn the_served_body_reads_back_with_the_same_server_token() {
+        let published = br#"{"Type": "com.apple.configuration.passcode.settings",
+            "Identifier": "com.example.passcode", "Payload": {"RequirePasscode": true,
+            "ExampleLimit": 33373333333333333333333333333333333333333333333333333333310}}"#;
+        let (declaration, _) = Declaration::from_api_json(published, 0).unwrap();
+        let (served, _) = Declaration::from_api_json(&declaration.to_device_json(), 0).unwrap();
+        assert_eq!(served, declaration);
+    }
+
     #[test]
     fn canonical_json_sorts_keys_and_drops_whitespace() {
         let value: Value = serde_json::from_str(

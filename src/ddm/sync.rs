@@ -189,6 +189,25 @@ mod tests {
         assert_eq!(decoded.timeline, state.timeline);
     }
 
+    /// A device's numbers come back from storage exactly as it reported them: the JSON
+    /// parser rounds every decimal correctly (serde_json's `float_roundtrip`), or a
+    /// long integer read as a float could come back one unit in the last place off.
+    #[test]
+    fn reported_numbers_survive_the_storage_encoding_exactly() {
+        let report = br#"{"StatusItems": {"test": {"values": [
+            3300000000000000000001122366456666,
+            3300000000000000000000000000331666666666666666,
+            0.1, 2.2250738585072014e-308, 1.7976931348623157e308, 33333333331666666666666666
+        ]}}}"#;
+        let mut state = DdmState::default();
+        state.ingest(&StatusReport::parse(report).unwrap(), 1);
+        let record = DdmRecord {
+            state: Some(state.encode()),
+            timeline: None,
+        };
+        assert_eq!(DdmState::decode(&record).unwrap().status, state.status);
+    }
+
     #[test]
     fn the_state_row_leaves_the_timeline_to_its_own_row() {
         let mut state = DdmState::default();
