@@ -1,6 +1,7 @@
 //! Properties shared by several fuzz targets: what any value a decoder accepts must
 //! satisfy, beyond "does not panic".
 
+use orchard::identity::PushCertificate;
 use orchard::protocol::ids::validate_identifier;
 use orchard::protocol::Channel;
 
@@ -33,4 +34,15 @@ pub fn split_prefixed(data: &[u8]) -> (&[u8], &[u8]) {
         return (&[], &[]);
     };
     rest.split_at(usize::from(length).min(rest.len()))
+}
+
+/// An accepted push certificate is for an MDM topic, and what is stored of it is
+/// canonical: reading the stored PEM back gives the same certificate.
+pub fn assert_push_certificate_is_canonical(push: PushCertificate) {
+    assert!(push.topic.starts_with("com.apple.mgmt."), "{push:?}");
+    let stored = format!("{}{}", push.cert_pem, push.key_pem);
+    assert_eq!(
+        PushCertificate::from_pem(stored.as_bytes()).ok(),
+        Some(push)
+    );
 }
