@@ -238,6 +238,11 @@ pub struct ServeArgs {
     )]
     pub webhook_hmac_key: Option<String>,
 
+    /// CA certificates (PEM) an https:// webhook receiver's certificate may chain to,
+    /// beside the Mozilla roots: for a receiver behind a private CA.
+    #[arg(long, env = "ORCHARD_WEBHOOK_CA", requires = "webhook_url")]
+    pub webhook_ca: Option<PathBuf>,
+
     /// Webhook events not accepted by the receiver within this many seconds of the change
     /// they report are dropped (counted and logged).
     #[arg(long, env = "ORCHARD_WEBHOOK_MAX_AGE_SECS", default_value_t = 24 * 3600)]
@@ -272,8 +277,9 @@ mod tests {
     }
 
     #[test]
-    fn a_webhook_key_without_a_webhook_url_is_refused() {
+    fn a_webhook_key_or_ca_without_a_webhook_url_is_refused() {
         assert!(Cli::try_parse_from(["orchard", "serve", "--webhook-hmac-key", "k"]).is_err());
+        assert!(Cli::try_parse_from(["orchard", "serve", "--webhook-ca", "ca.pem"]).is_err());
         let cli = Cli::try_parse_from(["orchard", "serve", "--webhook-url", "http://h/"]).unwrap();
         let Command::Serve(args) = cli.command;
         assert_eq!(args.webhook_max_age_secs, 24 * 3600);

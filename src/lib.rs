@@ -11,6 +11,7 @@ pub mod forward;
 pub mod h2conn;
 pub mod http;
 pub mod identity;
+pub mod outbound_tls;
 pub mod protocol;
 pub mod push;
 pub mod schema;

@@ -414,7 +414,12 @@ fn webhook_settings(args: &ServeArgs) -> Result<Option<WebhookSettings>, Startup
         .as_ref()
         .map(|k| k.as_bytes().to_vec());
     let timeout = Duration::from_secs(args.webhook_timeout_secs.max(1));
-    let client = Client::new(url, key, timeout).map_err(|e| fail("--webhook-url", e))?;
+    let extra_roots = match &args.webhook_ca {
+        Some(path) => read_pem_certs(path)?,
+        None => Vec::new(),
+    };
+    let client =
+        Client::new(url, key, timeout, &extra_roots).map_err(|e| fail("--webhook-url", e))?;
     Ok(Some(WebhookSettings {
         client,
         max_age: Duration::from_secs(args.webhook_max_age_secs.max(1)),

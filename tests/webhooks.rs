@@ -28,10 +28,11 @@ struct Posted {
     body: Vec<u8>,
 }
 
-/// A webhook receiver: actix-web on a loopback port, on a thread of its own. While
-/// `failing`, it answers 503 and keeps nothing.
+/// A webhook receiver: actix-web on a loopback port, on a thread of its own, over TLS when
+/// given a certificate. While `failing`, it answers 503 and keeps nothing.
 struct Receiver {
     port: u16,
+    tls: bool,
     accepted: Arc<Mutex<Vec<Posted>>>,
     refused: Arc<Mutex<usize>>,
     failing: Arc<AtomicBool>,
@@ -44,6 +45,16 @@ impl Receiver {
     }
 
     fn start_on(port: u16) -> Receiver {
+        Receiver::serve(port, None)
+    }
+
+    /// An `https://` receiver whose certificate `ca` issued.
+    fn start_tls(ca: &PrivateCa) -> Receiver {
+        Receiver::serve(free_port(), Some(ca.server_config()))
+    }
+
+    fn serve(port: u16, tls: Option<rustls::ServerConfig>) -> Receiver {
+        let https = tls.is_some();
         let accepted = Arc::new(Mutex::new(Vec::new()));
         let refused = Arc::new(Mutex::new(0));
         let failing = Arc::new(AtomicBool::new(false));
@@ -61,17 +72,19 @@ impl Receiver {
                         },
                     ))
                 })
-                .workers(1)
-                .listen(listener)
-                .unwrap()
-                .disable_signals()
-                .run();
+                .workers(1);
+                let server = match tls {
+                    Some(config) => server.listen_rustls_0_23(listener, config),
+                    None => server.listen(listener),
+                };
+                let server = server.unwrap().disable_signals().run();
                 ready.send(server.handle()).unwrap();
                 server.await.unwrap();
             });
         });
         Receiver {
             port,
+            tls: https,
             accepted,
             refused,
             failing,
@@ -80,7 +93,8 @@ impl Receiver {
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/hooks/mdm", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}/hooks/mdm", self.port)
     }
 
     fn accepted(&self) -> Vec<Posted> {
@@ -140,6 +154,49 @@ fn receive(
         body: body.to_vec(),
     });
     actix_web::HttpResponse::Ok().finish()
+}
+
+/// A private certificate authority, as a receiver inside a company network would have,
+/// and its certificate as a `--webhook-ca` file.
+struct PrivateCa {
+    key: rcgen::KeyPair,
+    cert: rcgen::Certificate,
+    file: tempfile::NamedTempFile,
+}
+
+impl PrivateCa {
+    fn new() -> PrivateCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Example Corp internal CA");
+        let cert = params.self_signed(&key).unwrap();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), cert.pem()).unwrap();
+        PrivateCa { key, cert, file }
+    }
+
+    fn path(&self) -> String {
+        self.file.path().display().to_string()
+    }
+
+    /// A server certificate for 127.0.0.1 issued by this CA.
+    fn server_config(&self) -> rustls::ServerConfig {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key)
+        .unwrap()
+    }
 }
 
 /// A loopback port nothing listens on (until a receiver is started on it).
@@ -577,6 +634,41 @@ async fn events_recorded_while_the_receiver_is_unreachable_survive_kill9_in_orde
         expected as f64,
         "the restarted server delivered what the killed one recorded"
     );
+    receiver.stop().await;
+}
+
+/// A receiver behind a private CA is reached over TLS once its CA is given with
+/// `--webhook-ca`; without it the handshake fails and the events wait in the outbox.
+#[actix_rt::test]
+async fn an_https_receiver_behind_a_private_ca_is_trusted_through_webhook_ca() {
+    let ca = PrivateCa::new();
+    let receiver = Receiver::start_tls(&ca);
+
+    let untrusting = webhook_server(&receiver.url(), &[]);
+    let stranger = Device::new(&untrusting, "WEBHOOK-TLS-UNTRUSTED");
+    Sent::default()
+        .enroll_and_poll(&untrusting, &stranger, 0)
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(
+        &metrics_text(&untrusting).await,
+        "orchard_webhook_retries_total{reason=\"tls\"}",
+    ) < 1.0
+    {
+        assert!(Instant::now() < deadline, "the failed handshake is counted");
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(untrusting);
+    assert!(receiver.accepted().is_empty());
+
+    let server = webhook_server(&receiver.url(), &["--webhook-ca", &ca.path()]);
+    let device = Device::new(&server, "WEBHOOK-TLS-1");
+    let mut sent = Sent::default();
+    sent.enroll_and_poll(&server, &device, 2).await;
+    let posted = receiver
+        .wait_for(sent.events.len(), Duration::from_secs(30))
+        .await;
+    assert_delivered_in_order(&posted, &device, &sent);
     receiver.stop().await;
 }
 

@@ -1,12 +1,12 @@
-//! Posting one event: HTTP/1.1 over TCP, or over TLS (rustls with ring, the Mozilla roots)
-//! for an `https://` URL. One connection per event (`Connection: close`): events are
+//! Posting one event: HTTP/1.1 over TCP, or over TLS (rustls with ring, the Mozilla roots
+//! and `--webhook-ca`) for an `https://` URL. One connection per event (`Connection: close`): events are
 //! sent one at a time per enrollment, and a fresh connection needs no response framing
 //! beyond the status line, nor recovery from a receiver that closed an idle one.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls_pki_types::ServerName;
+use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -101,17 +101,20 @@ pub struct Client {
 }
 
 impl Client {
+    /// An `https://` receiver's certificate must chain to a Mozilla root or to one of
+    /// `extra_roots` (`--webhook-ca`).
     pub fn new(
         url: WebhookUrl,
         hmac_key: Option<Vec<u8>>,
         timeout: Duration,
+        extra_roots: &[CertificateDer<'static>],
     ) -> Result<Client, String> {
         let tls = match url.tls {
             false => None,
             true => {
                 let name = ServerName::try_from(url.host.clone())
                     .map_err(|e| format!("webhook host {}: {e}", url.host))?;
-                Some((TlsConnector::from(Arc::new(tls_config()?)), name))
+                Some((TlsConnector::from(Arc::new(tls_config(extra_roots)?)), name))
             }
         };
         Ok(Client {
@@ -203,9 +206,8 @@ fn parse_status_line(line: &[u8]) -> Option<u16> {
     code.parse().ok()
 }
 
-fn tls_config() -> Result<rustls::ClientConfig, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+fn tls_config(extra_roots: &[CertificateDer<'static>]) -> Result<rustls::ClientConfig, String> {
+    let roots = crate::outbound_tls::trusted_roots(extra_roots, "--webhook-ca")?;
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

@@ -81,13 +81,8 @@ impl ApnsPush {
         std::thread::Builder::new()
             .name("orchard-apns".into())
             .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        for root in &settings.extra_roots {
-            roots
-                .add(root.clone())
-                .map_err(|e| std::io::Error::other(format!("bad --apns-ca certificate: {e}")))?;
-        }
+        let roots = crate::outbound_tls::trusted_roots(&settings.extra_roots, "--apns-ca")
+            .map_err(std::io::Error::other)?;
         Ok(ApnsPush {
             engine: Arc::new(Engine {
                 settings,
