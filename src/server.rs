@@ -414,10 +414,12 @@ fn webhook_settings(args: &ServeArgs) -> Result<Option<WebhookSettings>, Startup
         .as_ref()
         .map(|k| k.as_bytes().to_vec());
     let timeout = Duration::from_secs(args.webhook_timeout_secs.max(1));
-    let extra_roots = match &args.webhook_ca {
-        Some(path) => read_pem_certs(path)?,
-        None => Vec::new(),
-    };
+    let extra_roots = args
+        .webhook_ca
+        .as_deref()
+        .map(read_pem_certs)
+        .transpose()?
+        .unwrap_or_default();
     let client =
         Client::new(url, key, timeout, &extra_roots).map_err(|e| fail("--webhook-url", e))?;
     Ok(Some(WebhookSettings {

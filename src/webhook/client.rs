@@ -1,7 +1,8 @@
 //! Posting one event: HTTP/1.1 over TCP, or over TLS (rustls with ring, the Mozilla roots
-//! and `--webhook-ca`) for an `https://` URL. One connection per event (`Connection: close`): events are
-//! sent one at a time per enrollment, and a fresh connection needs no response framing
-//! beyond the status line, nor recovery from a receiver that closed an idle one.
+//! and `--webhook-ca`) for an `https://` URL. One connection per event
+//! (`Connection: close`): events are sent one at a time per enrollment, and a fresh
+//! connection needs no response framing beyond the status line, nor recovery from a
+//! receiver that closed an idle one.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -56,9 +56,6 @@ pub struct ReadTrace {
 }
 
 impl ReadTrace {
-    /// Sum the read statistics of trace events: Cassandra's "Read N live rows and M
-    /// tombstone cells", and ScyllaDB's page statistics "(N live, M dead)" per row kind
-    /// and "K range tombstone(s)".
     /// The read statistics of the traced request `tracing_id`. The database writes a
     /// trace's events after it answers (Cassandra from its tracing stage), so the
     /// statistics can land a moment after the rest: this waits for them.
@@ -86,6 +83,9 @@ impl ReadTrace {
         event.starts_with(CASSANDRA_READ_STATISTICS) || event.starts_with(SCYLLA_READ_STATISTICS)
     }
 
+    /// Sum the read statistics of trace events: Cassandra's "Read N live rows and M
+    /// tombstone cells", and ScyllaDB's page statistics "(N live, M dead)" per row kind
+    /// and "K range tombstone(s)".
     pub fn from_events(events: Vec<String>) -> ReadTrace {
         let mut trace = ReadTrace::default();
         for event in &events {
